@@ -1,0 +1,68 @@
+"""The error tree. Every error a peer can cause has a stable wire code.
+
+    SpeedSyncError
+    ├── ProtocolError            a message broke the wire rules
+    │   ├── RemoteProtocolError  the peer sent it (we answer ERROR, keep serving)
+    │   └── LocalProtocolError   we were about to send it (a bug on our side)
+    └── RequestError             a well-formed request we refuse (forbidden, not_found...)
+
+`code` is the stable identifier carried in ERROR messages; `reason` is for
+humans. Never put a traceback on the wire.
+"""
+
+from __future__ import annotations
+
+# Stable codes. Add, never rename: operators grep logs and metrics for them.
+CODES = {
+    "bad_frames": "the multipart layout is wrong (frame count, empty header)",
+    "too_large": "a header or list exceeds its declared limit",
+    "bad_header": "the header frame is not a msgpack map",
+    "bad_version": "the protocol major version is not ours",
+    "unknown_type": "the message type is not declared in schemas/",
+    "bad_field": "a field is missing, of the wrong type or out of range",
+    "bad_id": "an id does not match the id syntax",
+    "not_registered": "the peer has not said HELLO/READY yet",
+    "unknown_transfer": "the transfer id does not exist",
+    "forbidden": "the peer may not touch that object",
+    "bad_state": "the message is not allowed in the transfer's state",
+    "credit_exceeded": "data was sent beyond the granted credit",
+    "bad_chunk": "chunk bytes do not match their name",
+    "not_found": "the snapshot or chunk does not exist",
+    "no_storage": "no storage node is available",
+    "node_unavailable": "the node holding this dataset is not available",
+    "storage_error": "the storage node failed to store or read",
+    "commit_failed": "the manifest could not be committed",
+    "conflict": "the snapshot exists with different content",
+    "internal": "an unexpected failure on the answering side",
+}
+
+
+class SpeedSyncError(Exception):
+    code = "internal"
+
+    def __init__(self, reason: str, code: str | None = None):
+        super().__init__(reason)
+        if code is not None:
+            if code not in CODES:
+                raise ValueError(f"unknown error code {code!r}")
+            self.code = code
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0])
+
+
+class ProtocolError(SpeedSyncError):
+    code = "bad_field"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks the wire rules."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to send something that breaks the wire rules."""
+
+
+class RequestError(SpeedSyncError):
+    """A valid request we refuse; `code` says why."""

@@ -1,0 +1,83 @@
+"""zmq socket construction and the send/receive edge of every role.
+
+Only role processes (and this module) touch zmq. Sends never block the loop:
+everything goes out with NOBLOCK, and a message that cannot be queued (peer
+gone with ROUTER_MANDATORY, or its pipe at the high-water mark) is counted
+as a drop and reported to the caller.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import zmq
+
+from schemas import Message, encode
+
+# Credit bounds the bytes in flight; the HWM only bounds message counts, so
+# it is set high enough never to be the limit in normal operation.
+DEFAULT_HWM = 10_000
+
+
+def configure_curve_server(sock: zmq.Socket, secret_key: bytes | None, public_key: bytes | None) -> None:
+    if secret_key is not None:
+        sock.curve_secretkey = secret_key
+        sock.curve_publickey = public_key
+        sock.curve_server = True
+
+
+def make_router(ctx: zmq.Context, bind: str, *, mandatory: bool = True, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if mandatory:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.bind(bind)
+    return sock
+
+
+def make_dealer(ctx: zmq.Context, connect: str, *, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.connect(connect)
+    return sock
+
+
+class Outbox:
+    """Non-blocking sends with drop counting, one per socket."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.dropped = Counter()
+
+    def send(self, message: Message, routing: bytes | None = None) -> bool:
+        return self.send_frames(encode(message), routing, message.t)
+
+    def send_frames(self, frames: list, routing: bytes | None = None, t: str = "?") -> bool:
+        if routing is not None:
+            frames = [routing, *frames]
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self.dropped[t] += 1
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self.dropped[t] += 1
+                return False
+            raise
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+def recv_frames(sock: zmq.Socket) -> list:
+    """All frames of one message, zero-copy for large ones."""
+    return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)

@@ -1,0 +1,5 @@
+import sys
+
+from roles.cli import main
+
+sys.exit(main())

@@ -1,0 +1,282 @@
+"""Appliance agent process: finds snapshots, uploads what the cloud lacks.
+
+One poll loop over the broker connection and two pools: `work` (read, hash,
+compress on every core) and `image` (one thread: the whole-image blake3 fed
+in order). Uploads are plain `Upload` objects; this module routes replies
+and pool results to them and decides what starts next (priority, then age).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from collections import deque
+
+import zmq
+from loguru import logger
+
+from bus.pipeline import TaskPool
+from bus.errors import RequestError
+from roles.appliance.chunker import ImageHasher
+from roles.appliance.journal import Journal
+from roles.appliance.link import BrokerLink
+from roles.appliance.progress import Progress
+from roles.appliance.scanner import scan
+from roles.appliance.upload import Upload
+from roles.config import AgentConfig
+from roles.process import MAX_POLL_MS, StopFlag, now
+
+MAX_ATTEMPTS_ONCE = 4
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, once: bool = False):
+        self.config = config
+        self.once = once
+        self.journal = Journal(config.state_dir)
+        self.work = TaskPool(config.threads, name="work")
+        self.image = TaskPool(1, name="image")
+        self.ctx = zmq.Context()
+        self.link = BrokerLink(self.ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
+                               config.heartbeat_liveness, now())
+        self.queue: deque = deque()  # PendingSnapshot, most urgent first
+        self.queued_keys: set = set()
+        self.active: dict[int, Upload] = {}  # by serial
+        self.by_req: dict[int, Upload] = {}
+        self.by_transfer: dict[str, Upload] = {}
+        self.hashers: dict[int, ImageHasher] = {}
+        self.results: dict[tuple, dict] = {}  # (dataset, snapshot) -> summary of the last attempt
+        self.attempts: dict[tuple, int] = {}
+        self.carry: dict[tuple, dict] = {}  # counters of failed attempts, added to the summary
+        self.retry_at: dict[tuple, float] = {}
+        self.serials = itertools.count(1)
+        self.progress = Progress()
+        self.next_scan = 0.0
+
+    # --- scheduling ---------------------------------------------------------
+
+    def rescan(self, t: float) -> None:
+        self.next_scan = t + self.config.scan_interval_ms / 1000
+        active_keys = {u.pending.key for u in self.active.values()}
+        fresh = [p for p in scan(self.config.datasets, self.journal)
+                 if p.key not in active_keys and p.key not in self.queued_keys]
+        if self.once and self.results:
+            fresh = [p for p in fresh if p.key in self.results]
+        for p in fresh:
+            self.queue.append(p)
+            self.queued_keys.add(p.key)
+            self.results.setdefault(p.key, {"dataset": p.dataset.name, "snapshot": p.snapshot, "state": "queued"})
+        if fresh:
+            self.queue = deque(sorted(self.queue, key=lambda p: p.order()))
+
+    def start_uploads(self, t: float) -> None:
+        if not self.link.welcomed:
+            return
+        deferred = []
+        while self.queue and len(self.active) < self.config.max_active_transfers:
+            pending = self.queue.popleft()
+            if self.retry_at.get(pending.key, 0) > t:
+                deferred.append(pending)
+                continue
+            self.queued_keys.discard(pending.key)
+            self._start(pending, t)
+        self.queue.extendleft(reversed(deferred))
+
+    def _start(self, pending, t: float) -> None:
+        serial = next(self.serials)
+        hasher = self.hashers[serial] = ImageHasher()
+
+        def submit(key, fn, *args):
+            self.work.submit((serial, *key), fn, *args)
+
+        def hash_image(pieces, final):
+            self.image.submit((serial, "image"), _hash_step, hasher, pieces, final)
+
+        upload = Upload(pending, submit, self._send, hash_image, compress_level=self.config.compress_level)
+        self.active[serial] = upload
+        req = serial
+        self.by_req[req] = upload
+        self.attempts[pending.key] = self.attempts.get(pending.key, 0) + 1
+        logger.info("offering {}/{} ({} bytes)", pending.dataset.name, pending.snapshot, pending.size)
+        self._send(upload.offer(req))
+
+    def _send(self, message) -> None:
+        self.link.send(message, now())
+
+    # --- events ---------------------------------------------------------------
+
+    def on_message(self, msg) -> None:
+        if msg.t in ("WELCOME", "HEARTBEAT"):
+            return
+        if msg.t == "ERROR" and msg["code"] == "not_registered":
+            self.link.connect(now())
+            return
+        upload = None
+        if msg.get("transfer_id") is not None:
+            upload = self.by_transfer.get(msg["transfer_id"])
+        if upload is None and msg.get("req") is not None:
+            upload = self.by_req.get(msg["req"])
+        if upload is None:
+            if msg.t == "ERROR":
+                logger.warning("broker error {}: {}", msg["code"], msg["reason"])
+            return
+        try:
+            self._dispatch(upload, msg)
+        except RequestError as exc:
+            self._fail(upload, f"{exc.code}: {exc.reason}")
+
+    def _dispatch(self, upload: Upload, msg) -> None:
+        if msg.t == "ACCEPT":
+            self.by_req.pop(msg["req"], None)
+            if not msg["committed"]:
+                self.by_transfer[msg["transfer_id"]] = upload
+            upload.on_accept(msg["transfer_id"], msg["committed"])
+        elif msg.t == "MISSING":
+            upload.on_missing(msg["start"], msg["missing"])
+        elif msg.t == "CREDIT":
+            upload.on_credit(msg["bytes"])
+        elif msg.t == "STORED":
+            upload.on_stored(msg["hash"], msg["raw_len"])
+        elif msg.t == "COMMITTED":
+            upload.on_committed(msg["image_blake3"])
+        elif msg.t == "ERROR":
+            upload.fail(f"{msg['code']}: {msg['reason']}")
+        if upload.finished:
+            self._finished(upload)
+
+    def on_task(self, key, result, error) -> None:
+        serial, kind = key[0], key[1]
+        upload = self.active.get(serial)
+        if upload is None or upload.finished:
+            return
+        if error is not None:
+            self._fail(upload, f"{kind} failed: {error}")
+            return
+        if kind == "hash":
+            upload.on_hashed(key[2], result)
+        elif kind == "compress":
+            upload.on_compressed(*result)
+        elif kind == "image" and result is not None:
+            upload.on_image_digest(result)
+        if upload.finished:
+            self._finished(upload)
+
+    def _fail(self, upload: Upload, reason: str) -> None:
+        upload.fail(reason)
+        if upload.transfer_id is not None:
+            from schemas import make
+            self._send(make("ABORT", transfer_id=upload.transfer_id))
+        self._finished(upload)
+
+    def _finished(self, upload: Upload) -> None:
+        serial = next((s for s, u in self.active.items() if u is upload), None)
+        if serial is None:
+            return
+        del self.active[serial]
+        self.hashers.pop(serial, None)
+        self.by_transfer.pop(upload.transfer_id, None)
+        for req in [r for r, u in self.by_req.items() if u is upload]:
+            del self.by_req[req]
+        key = upload.pending.key
+        summary = upload.summary()
+        carried = self.carry.get(key, {})
+        for field in ("chunks_sent", "bytes_read", "bytes_sent", "seconds"):
+            summary[field] = summary[field] + carried.get(field, 0)
+        self.results[key] = summary
+        if upload.state == "committed":
+            self.journal.record_committed(key[0], key[1], upload.image_blake3, upload.image_size)
+            self.carry.pop(key, None)
+            logger.info("committed {}/{}: {} chunks sent, {} bytes on the wire", key[0], key[1],
+                        summary["chunks_sent"], summary["bytes_sent"])
+            return
+        self.carry[key] = {f: summary[f] for f in ("chunks_sent", "bytes_read", "bytes_sent", "seconds")}
+        attempts = self.attempts.get(key, 0)
+        if self.once and attempts >= MAX_ATTEMPTS_ONCE:
+            logger.error("{}/{} failed after {} attempts: {}", key[0], key[1], attempts, upload.reason)
+            return
+        delay = min(30.0, 0.5 * 2 ** attempts)
+        logger.warning("{}/{} failed ({}); retrying in {:.1f}s", key[0], key[1], upload.reason, delay)
+        self.retry_at[key] = now() + delay
+        self.queue.appendleft(upload.pending)
+        self.queued_keys.add(key)
+
+    def on_broker_lost(self) -> None:
+        for upload in list(self.active.values()):
+            upload.fail("broker connection lost")
+            self._finished(upload)
+        # a lost connection is not the snapshot's fault: do not count the attempt
+        for key in list(self.retry_at):
+            self.retry_at[key] = 0
+            self.attempts[key] = max(0, self.attempts.get(key, 1) - 1)
+
+    # --- loop -------------------------------------------------------------------
+
+    def all_done(self) -> bool:
+        if self.active or any(self.retry_at.get(p.key, 0) >= 0 for p in self.queue):
+            return False
+        return True
+
+    def run(self, stop: StopFlag) -> int:
+        poller = zmq.Poller()
+        poller.register(self.link.sock, zmq.POLLIN)
+        poller.register(self.work.fileno, zmq.POLLIN)
+        poller.register(self.image.fileno, zmq.POLLIN)
+        self.rescan(now())
+        try:
+            while not stop.stopping:
+                if self.once and not self.active and not self.queue:
+                    break
+                events = dict(poller.poll(MAX_POLL_MS))
+                t = now()
+                if self.link.sock in events:
+                    for msg in self.link.receive(t):
+                        self.on_message(msg)
+                for pool in (self.image, self.work):
+                    if pool.fileno in events:
+                        for key, result, error in pool.done():
+                            self.on_task(key, result, error)
+                if not self.link.tick(t):
+                    logger.warning("broker {} silent; reconnecting", self.link.endpoint)
+                    self.on_broker_lost()
+                    poller.unregister(self.link.sock)
+                    self.link.connect(t)
+                    poller.register(self.link.sock, zmq.POLLIN)
+                if not self.once and t >= self.next_scan:
+                    self.rescan(t)
+                self.start_uploads(t)
+                self.progress.show(t, [(f"{u.pending.dataset.name}/{u.pending.snapshot}", *u.progress(),
+                                        t - u.started_at) for u in self.active.values()])
+        finally:
+            self.link.close()
+            self.work.close()
+            self.image.close()
+            self.journal.close()
+            self.ctx.term()
+        failed = [r for r in self.results.values() if r.get("state") != "committed"]
+        return 1 if failed else 0
+
+    def summary(self) -> dict:
+        return {"transfers": list(self.results.values())}
+
+
+def _hash_step(hasher: ImageHasher, pieces: list, final: bool):
+    hasher.update(pieces)
+    return hasher.digest() if final else None
+
+
+def run_agent(config: AgentConfig, once: bool, as_json: bool) -> int:
+    stop = StopFlag().install()
+    agent = Agent(config, once=once)
+    code = agent.run(stop)
+    if as_json:
+        json.dump(agent.summary(), sys.stdout)
+        sys.stdout.write("\n")
+    if once and code != 0:
+        failed = [r for r in agent.results.values() if r.get("state") != "committed"]
+        reasons = "; ".join(f"{r['dataset']}/{r['snapshot']}: {r.get('reason', r.get('state'))}" for r in failed)
+        print(f"speedsync agent: {len(failed)} snapshot(s) not committed: {reasons}", file=sys.stderr)
+    if stop.stopping and once:
+        return 1
+    return code

@@ -1,0 +1,46 @@
+"""The agent's local journal (SQLite, WAL): which snapshots the cloud has committed.
+
+A restart does not replicate a committed snapshot again. A snapshot that was
+in progress is simply offered again: the cloud's answer to the manifest says
+what it already holds, so only the missing chunks travel.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS committed (
+    dataset TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    blake3 BLOB,
+    size INTEGER NOT NULL,
+    committed_at REAL NOT NULL,
+    PRIMARY KEY (dataset, snapshot)
+);
+"""
+
+
+class Journal:
+    def __init__(self, state_dir: str):
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(Path(state_dir) / "journal.sqlite3", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def is_committed(self, dataset: str, snapshot: str) -> bool:
+        return self.db.execute("SELECT 1 FROM committed WHERE dataset=? AND snapshot=?",
+                               (dataset, snapshot)).fetchone() is not None
+
+    def committed_snapshots(self, dataset: str) -> set:
+        return {r[0] for r in self.db.execute("SELECT snapshot FROM committed WHERE dataset=?", (dataset,))}
+
+    def record_committed(self, dataset: str, snapshot: str, blake3: bytes | None, size: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO committed VALUES (?, ?, ?, ?, ?)",
+                        (dataset, snapshot, blake3, size, time.time()))
+
+    def close(self) -> None:
+        self.db.close()

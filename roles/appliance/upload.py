@@ -1,0 +1,234 @@
+"""One snapshot's upload as a plain object: a pipeline driven by events.
+
+Theory of operation: the image is read and hashed in batches on the pool
+(`read_and_hash`); batches are turned, strictly in order, into QUERY slices
+of the manifest and fed to the whole-image hasher. The node answers each
+slice with the indexes this device lacks; only those are compressed and,
+within the credit the broker granted, sent as CHUNK. Raw bytes read for
+hashing are kept until the slice's answer so that a chunk is read from disk
+once. Everything held is bounded: batches in hashing, raw bytes awaiting an
+answer (`max_held_bytes`), compressed bytes awaiting credit.
+
+The owner (the agent process) injects `submit(key, fn, *args)` for pool work
+and `send(message)` for the wire, and calls `on_*` with results and replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from bus.credit import SendCredit
+from bus.errors import RequestError
+from roles.appliance.chunker import compress, read_and_hash
+from roles.appliance.scanner import PendingSnapshot
+from schemas import make
+
+BATCH_CHUNKS = 16
+MAX_HASH_BATCHES_IN_FLIGHT = 4
+
+
+class Upload:
+    def __init__(self, pending: PendingSnapshot, submit, send, hash_image, compress_level: int = 1,
+                 max_held_bytes: int = 96 * 1024 * 1024, clock=time.monotonic):
+        self.pending = pending
+        self.chunk_size = pending.dataset.chunk_size
+        self.image_size = pending.size
+        self.chunk_count = (self.image_size + self.chunk_size - 1) // self.chunk_size
+        self._submit = submit
+        self._send = send
+        self._hash_image = hash_image  # callable(pieces, final: bool) on the ordered hasher
+        self.compress_level = compress_level
+        self.max_held_bytes = max_held_bytes
+        self._clock = clock
+        self.transfer_id: str | None = None
+        self.state = "offering"
+        self.reason = ""
+        self.credit = SendCredit()
+        self.started_at = clock()
+        self.finished_at: float | None = None
+        self.image_blake3: bytes | None = None
+        # pipeline
+        self._next_batch = 0
+        self._hashing = 0
+        self._hashed: dict[int, list] = {}
+        self._next_query = 0
+        self._unanswered: deque = deque()  # starts of QUERY slices sent, in order
+        self._held: dict[int, bytes] = {}
+        self._held_bytes = 0
+        self._to_compress: deque = deque()
+        self._compressing = 0
+        self._ready: deque = deque()  # (name, raw_len, codec, payload)
+        self._ready_bytes = 0
+        self._awaiting_stored: set = set()
+        self._digest_requested = False
+        # figures for the summary (DESIGN.md agent --once --json)
+        self.chunks_sent = 0
+        self.bytes_read = 0
+        self.bytes_sent = 0
+        self.bytes_stored_raw = 0
+        self.bytes_known = 0  # raw bytes the cloud already had (or zero chunks)
+
+    # --- negotiation -----------------------------------------------------
+
+    def offer(self, req: int):
+        return make("OFFER", req=req, dataset=self.pending.dataset.name, snapshot=self.pending.snapshot,
+                    image_size=self.image_size, chunk_size=self.chunk_size, chunk_count=self.chunk_count)
+
+    def on_accept(self, transfer_id: str, committed: bool) -> None:
+        if committed:
+            self._finish("committed")
+            return
+        self.transfer_id = transfer_id
+        self.state = "sending"
+        self.pump()
+
+    # --- pipeline ----------------------------------------------------------
+
+    def pump(self) -> None:
+        if self.state != "sending":
+            return
+        while (self._next_batch < self.chunk_count and self._hashing < MAX_HASH_BATCHES_IN_FLIGHT
+               and self._held_bytes + self._hashing * BATCH_CHUNKS * self.chunk_size < self.max_held_bytes):
+            count = min(BATCH_CHUNKS, self.chunk_count - self._next_batch)
+            self._submit(("hash", self._next_batch), read_and_hash, self.pending.path, self._next_batch, count,
+                         self.chunk_size, self.image_size)
+            self._next_batch += count
+            self._hashing += 1
+        while self._to_compress and self._compressing + len(self._ready) < MAX_HASH_BATCHES_IN_FLIGHT * 2:
+            index, name = self._to_compress.popleft()
+            raw = self._held.pop(index)
+            self._held_bytes -= len(raw)
+            self._compressing += 1
+            self._submit(("compress", index), self._compress_named, name, raw)
+        self._send_ready()
+        self._maybe_commit()
+
+    def _compress_named(self, name: bytes, raw: bytes):
+        codec, payload = compress(raw, self.compress_level)
+        return name, len(raw), codec, payload
+
+    def on_hashed(self, start: int, entries: list) -> None:
+        self._hashing -= 1
+        self._hashed[start] = entries
+        while self._next_query in self._hashed:
+            batch = self._hashed.pop(self._next_query)
+            names, pieces = [], []
+            for index, name, raw in batch:
+                names.append(name)
+                length = self._chunk_len(index)
+                pieces.append((raw, length))
+                if raw is not None:
+                    self._held[index] = raw
+                    self._held_bytes += len(raw)
+                    self.bytes_read += len(raw)
+                else:
+                    self.bytes_read += length
+            self._hash_image(pieces, False)
+            self._send(make("QUERY", transfer_id=self.transfer_id, start=self._next_query, hashes=names))
+            self._unanswered.append((self._next_query, names))
+            self._next_query += len(batch)
+        if self._next_query >= self.chunk_count and not self._digest_requested:
+            self._digest_requested = True
+            self._hash_image([], True)
+        self.pump()
+
+    def on_missing(self, start: int, missing: list) -> None:
+        if not self._unanswered or self._unanswered[0][0] != start:
+            raise RequestError(f"MISSING for slice {start} out of order", "bad_state")
+        _, names = self._unanswered.popleft()
+        wanted = set()
+        for index in missing:
+            if not start <= index < start + len(names) or names[index - start] is None:
+                raise RequestError(f"MISSING names index {index} outside its slice", "bad_field")
+            wanted.add(index)
+        for offset, name in enumerate(names):
+            index = start + offset
+            if index in wanted:
+                self._to_compress.append((index, names[offset]))
+                self._awaiting_stored.add(name)
+            else:
+                raw = self._held.pop(index, None)
+                if raw is not None:
+                    self._held_bytes -= len(raw)
+                self.bytes_known += self._chunk_len(index)
+        self.pump()
+
+    def on_compressed(self, name: bytes, raw_len: int, codec: str, payload: bytes) -> None:
+        self._compressing -= 1
+        self._ready.append((name, raw_len, codec, payload))
+        self._ready_bytes += len(payload)
+        self.pump()
+
+    def on_credit(self, nbytes: int) -> None:
+        self.credit.grant(nbytes)
+        self.pump()
+
+    def _send_ready(self) -> None:
+        while self._ready and self.credit.can_spend(len(self._ready[0][3])):
+            name, raw_len, codec, payload = self._ready.popleft()
+            self._ready_bytes -= len(payload)
+            self.credit.try_spend(len(payload))
+            self._send(make("CHUNK", payload=[payload], transfer_id=self.transfer_id, hash=name,
+                            raw_len=raw_len, codec=codec))
+            self.chunks_sent += 1
+            self.bytes_sent += len(payload)
+
+    def on_stored(self, name: bytes, raw_len: int) -> None:
+        self._awaiting_stored.discard(name)
+        self.bytes_stored_raw += raw_len
+        self._maybe_commit()
+
+    def on_image_digest(self, digest: bytes) -> None:
+        self.image_blake3 = digest
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> None:
+        if (self.state == "sending" and self.image_blake3 is not None and self._next_query >= self.chunk_count
+                and not self._unanswered and not self._to_compress and not self._compressing
+                and not self._ready and not self._awaiting_stored and not self._hashing):
+            self.state = "committing"
+            self._send(make("COMMIT", transfer_id=self.transfer_id, image_blake3=self.image_blake3))
+
+    def on_committed(self, image_blake3: bytes) -> None:
+        if self.image_blake3 is not None and image_blake3 != self.image_blake3:
+            self.fail("the cloud committed another image blake3 than ours")
+            return
+        self.image_blake3 = image_blake3
+        self._finish("committed")
+
+    def fail(self, reason: str) -> None:
+        self.reason = reason
+        self._finish("failed")
+
+    def _finish(self, state: str) -> None:
+        self.state = state
+        self.finished_at = self._clock()
+        self._held.clear()
+        self._ready.clear()
+        self._to_compress.clear()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("committed", "failed")
+
+    @property
+    def idle_work(self) -> bool:
+        """True when pool tasks of this upload may still be running."""
+        return self._hashing > 0 or self._compressing > 0
+
+    def _chunk_len(self, index: int) -> int:
+        return min(self.chunk_size, self.image_size - index * self.chunk_size)
+
+    # --- reporting -----------------------------------------------------------
+
+    def progress(self) -> tuple[int, int]:
+        """(raw bytes known to be in the cloud, image bytes)."""
+        return self.bytes_known + self.bytes_stored_raw, self.image_size
+
+    def summary(self) -> dict:
+        end = self.finished_at if self.finished_at is not None else self._clock()
+        return {"dataset": self.pending.dataset.name, "snapshot": self.pending.snapshot, "state": self.state,
+                "chunks_total": self.chunk_count, "chunks_sent": self.chunks_sent, "bytes_image": self.image_size,
+                "bytes_read": self.bytes_read, "bytes_sent": self.bytes_sent,
+                "seconds": round(end - self.started_at, 3), **({"reason": self.reason} if self.reason else {})}

@@ -1,0 +1,108 @@
+"""The `speedsync` command line (DESIGN.md "Command line").
+
+Exit codes: 0 success, 1 runtime failure (one-line reason on stderr),
+2 usage or configuration error (naming the key and file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bus.errors import SpeedSyncError
+from roles import config as cfg
+from roles.logs import setup_logging
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speedsync", description="Replicate backup snapshots to a cloud storage pool.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for role in ("broker", "storage"):
+        s = sub.add_parser(role, help=f"run the {role}")
+        s.add_argument("--config", required=True)
+    a = sub.add_parser("agent", help="run an appliance agent")
+    a.add_argument("--config", required=True)
+    a.add_argument("--once", action="store_true", help="replicate what is pending now, then exit")
+    a.add_argument("--json", action="store_true", help="with --once: print a JSON summary")
+    for name in ("status", "list"):
+        s = sub.add_parser(name, help=f"ask the broker's status socket ({name})")
+        s.add_argument("--broker", required=True, help="the broker's status endpoint, e.g. tcp://127.0.0.1:5552")
+        s.add_argument("--json", action="store_true")
+        s.add_argument("--timeout-ms", type=int, default=5000)
+        if name == "list":
+            s.add_argument("--device")
+    r = sub.add_parser("restore", help="rebuild an image from the cloud, verified")
+    r.add_argument("--config", required=True, help="the agent's config (device identity, brokers)")
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--snapshot", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--json", action="store_true")
+    d = sub.add_parser("demo", help="run an embedded local cluster that replicates, restores and verifies")
+    d.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
+    d.add_argument("--size", default="64MiB", help="size of each generated full image")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except cfg.ConfigError as exc:
+        print(f"speedsync: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SpeedSyncError as exc:
+        print(f"speedsync {args.command}: {exc.code}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"speedsync {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(args) -> int:
+    if args.command == "broker":
+        from roles.broker import run_broker
+        conf = cfg.load(cfg.BrokerConfig, args.config)
+        setup_logging(conf.log_level, conf.log_json, "broker")
+        return run_broker(conf)
+    if args.command == "storage":
+        from roles.storage import run_storage
+        conf = cfg.load(cfg.StorageConfig, args.config)
+        setup_logging(conf.log_level, conf.log_json, conf.node_id)
+        return run_storage(conf)
+    if args.command == "agent":
+        from roles.agent import run_agent
+        if args.json and not args.once:
+            print("speedsync agent: --json needs --once", file=sys.stderr)
+            return EXIT_USAGE
+        conf = cfg.load(cfg.AgentConfig, args.config)
+        setup_logging(conf.log_level, conf.log_json, conf.device_id)
+        return run_agent(conf, once=args.once, as_json=args.json)
+    if args.command in ("status", "list"):
+        from roles import statusclient
+        if args.command == "status":
+            doc = statusclient.fetch_status(args.broker, args.timeout_ms)
+            print(json.dumps(doc) if args.json else statusclient.render_status(doc))
+        else:
+            doc = statusclient.fetch_list(args.broker, args.device, args.timeout_ms)
+            print(json.dumps(doc) if args.json else statusclient.render_list(doc))
+        return EXIT_OK
+    if args.command == "restore":
+        from roles.appliance.restore import restore
+        conf = cfg.load(cfg.AgentConfig, args.config)
+        setup_logging(conf.log_level, conf.log_json, conf.device_id)
+        result = restore(conf, args.dataset, args.snapshot, args.out)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"restored {args.dataset}/{args.snapshot} to {args.out}: {result['bytes']} bytes, "
+                  f"blake3 {result['blake3']} verified")
+        return EXIT_OK
+    if args.command == "demo":
+        from roles.demo import run_demo
+        return run_demo(args.workdir, args.size)
+    return EXIT_USAGE

@@ -1,0 +1,193 @@
+"""Strict configuration: YAML into frozen dataclasses with declared defaults.
+
+Every key has a default on its field; an unknown key, a wrong type or a bad
+unit raises ConfigError naming the key and the file (the CLI exits 2).
+Field metadata `kind` says how a value is parsed: size, rate, id, endpoint,
+path, or the field's own type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from roles.units import parse_rate, parse_size
+from schemas import is_valid_id
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _kind(kind: str, default: Any, **extra):
+    return field(default=default, metadata={"kind": kind, **extra})
+
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    frontend_bind: str = _kind("endpoint", "tcp://*:5550")
+    backend_bind: str = _kind("endpoint", "tcp://*:5551")
+    status_bind: str = _kind("endpoint", "tcp://*:5552")
+    data_dir: str = _kind("path", "./var/broker")
+    insecure: bool = _kind("bool", True)
+    heartbeat_interval_ms: int = _kind("int", 1000, min=10)
+    heartbeat_liveness: int = _kind("int", 3, min=1)
+    transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024)
+    finished_transfers_kept: int = _kind("int", 200, min=0)
+    log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
+    log_json: bool = _kind("bool", False)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    node_id: str = _kind("id", "node-a")
+    broker: str = _kind("endpoint", "tcp://127.0.0.1:5551")
+    data_dir: str = _kind("path", "./var/node-a")
+    insecure: bool = _kind("bool", True)
+    window: int = _kind("size", 32 * 1024 * 1024, min=64 * 1024)
+    store_threads: int = _kind("int", 8, min=1)
+    heartbeat_interval_ms: int = _kind("int", 1000, min=10)
+    heartbeat_liveness: int = _kind("int", 3, min=1)
+    fault_write_rate: int | None = _kind("rate", None)
+    log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
+    log_json: bool = _kind("bool", False)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = _kind("id", "")
+    path: str = _kind("path", "")
+    priority: int = _kind("int", 5, min=1)
+    chunk_size: int = _kind("size", 1024 * 1024, min=4096, max=16 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = _kind("id", "office-1")
+    brokers: tuple = _kind("endpoints", ("tcp://127.0.0.1:5550",))
+    state_dir: str = _kind("path", "./var/office-1")
+    datasets: tuple = _kind("datasets", ())
+    insecure: bool = _kind("bool", True)
+    threads: int = _kind("int", 2, min=1)
+    compress_level: int = _kind("int", 1, min=-5, max=22)
+    max_active_transfers: int = _kind("int", 2, min=1)
+    scan_interval_ms: int = _kind("int", 2000, min=50)
+    heartbeat_interval_ms: int = _kind("int", 1000, min=10)
+    heartbeat_liveness: int = _kind("int", 3, min=1)
+    request_timeout_ms: int = _kind("int", 30000, min=100)
+    log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
+    log_json: bool = _kind("bool", False)
+
+
+def _fail(path: Path, key: str, reason: str) -> ConfigError:
+    return ConfigError(f"{path}: key '{key}': {reason}")
+
+
+def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
+    kind = meta.get("kind")
+    try:
+        if kind == "size":
+            parsed = parse_size(value)
+        elif kind == "rate":
+            parsed = parse_rate(value)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+            parsed = value
+        elif kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"expected an integer, got {value!r}")
+            parsed = value
+        elif kind == "choice":
+            if value not in meta["choices"]:
+                raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
+            parsed = value
+        elif kind == "id":
+            if not is_valid_id(value):
+                raise ValueError(f"{value!r} is not a valid id ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}}, no '..')")
+            parsed = value
+        elif kind == "endpoint":
+            parsed = _endpoint(value)
+        elif kind == "endpoints":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not value:
+                raise ValueError("expected a non-empty list of endpoints")
+            parsed = tuple(_endpoint(v) for v in value)
+        elif kind == "path":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a path, got {value!r}")
+            parsed = str((base_dir / value).resolve()) if not os.path.isabs(value) else value
+        else:  # pragma: no cover - declaration error
+            raise ValueError(f"undeclared kind {kind}")
+    except ValueError as exc:
+        raise _fail(path, key, str(exc)) from None
+    if isinstance(parsed, int) and not isinstance(parsed, bool):
+        if "min" in meta and parsed < meta["min"]:
+            raise _fail(path, key, f"{value!r} is below the minimum {meta['min']}")
+        if "max" in meta and parsed > meta["max"]:
+            raise _fail(path, key, f"{value!r} is above the maximum {meta['max']}")
+    return parsed
+
+
+def _endpoint(value) -> str:
+    if not isinstance(value, str) or "://" not in value:
+        raise ValueError(f"expected an endpoint like tcp://host:port, got {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, path: Path, base_dir: Path, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise _fail(path, prefix.rstrip(".") or "(top level)", "expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise _fail(path, prefix + str(unknown[0]), f"unknown key (known: {', '.join(fields)})")
+    values = {}
+    for key, value in raw.items():
+        meta = fields[key].metadata
+        if meta.get("kind") == "datasets":
+            values[key] = _datasets(value, path, base_dir)
+        else:
+            values[key] = _parse_value(path, prefix + key, meta, value, base_dir)
+    for name, f in fields.items():
+        if name not in values and f.metadata.get("kind") == "path" and f.default:
+            values[name] = str((base_dir / f.default).resolve())
+    return cls(**values)
+
+
+def _datasets(value, path: Path, base_dir: Path) -> tuple:
+    if not isinstance(value, list):
+        raise _fail(path, "datasets", "expected a list of datasets")
+    out = []
+    for i, item in enumerate(value):
+        ds = _build(DatasetConfig, item, path, base_dir, prefix=f"datasets[{i}].")
+        if not ds.name or not ds.path:
+            raise _fail(path, f"datasets[{i}]", "needs 'name' and 'path'")
+        out.append(ds)
+    names = [d.name for d in out]
+    if len(set(names)) != len(names):
+        raise _fail(path, "datasets", "dataset names must be unique")
+    return tuple(out)
+
+
+def load(cls, file: str | os.PathLike):
+    """Load one role's YAML strictly. Relative paths are relative to the file."""
+    path = Path(file)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return _build(cls, raw or {}, path, path.parent.resolve())

@@ -1,0 +1,35 @@
+"""What every role process shares: stop signals and the clock at the edge."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the poll loop checks it between polls."""
+
+    def __init__(self):
+        self.stopping = False
+        self.reload_requested = False
+
+    def install(self) -> "StopFlag":
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._reload)
+        return self
+
+    def _stop(self, *_):
+        self.stopping = True
+
+    def _reload(self, *_):
+        self.reload_requested = True
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+# The longest a poll may block, so that signals and deadlines are seen promptly.
+MAX_POLL_MS = 200

@@ -1,0 +1,76 @@
+"""Client side of the broker's status socket: STATUS and LIST, and their rendering."""
+
+from __future__ import annotations
+
+import zmq
+
+from bus.errors import RemoteProtocolError, RequestError
+from schemas import decode, encode, make
+from roles.units import format_bytes
+
+
+def ask(endpoint: str, message, timeout_ms: int = 5000):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(encode(message))
+        if not sock.poll(timeout_ms):
+            raise RequestError(f"no answer from {endpoint} within {timeout_ms} ms", "node_unavailable")
+        reply = decode(sock.recv_multipart())
+    except RemoteProtocolError as exc:
+        raise RequestError(f"bad answer from {endpoint}: {exc}", "internal") from None
+    finally:
+        sock.close()
+    if reply.t == "ERROR":
+        raise RequestError(reply["reason"], "internal")
+    return reply
+
+
+def fetch_status(endpoint: str, timeout_ms: int = 5000) -> dict:
+    return ask(endpoint, make("STATUS"), timeout_ms)["status"]
+
+
+def fetch_list(endpoint: str, device_id: str | None = None, timeout_ms: int = 5000) -> list:
+    fields = {"device_id": device_id} if device_id else {}
+    return ask(endpoint, make("LIST", **fields), timeout_ms)["snapshots"]
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def render_status(status: dict) -> str:
+    b = status["broker"]
+    parts = [
+        f"broker: rss {format_bytes(b['rss_bytes'])}, dropped {b['dropped_messages']}, "
+        f"errors {b['errors_by_code'] or 'none'}",
+        "",
+        "storage nodes:",
+        _table(["node", "alive", "free", "used", "load", "credit out/window"],
+               [[n["node_id"], "yes" if n["alive"] else "NO", format_bytes(n["free_bytes"]),
+                 format_bytes(n["used_bytes"]), n.get("load", 0),
+                 f"{format_bytes(n['credit']['outstanding'])}/{format_bytes(n['credit']['window'])}"]
+                for n in status["storage"]]),
+        "",
+        "agents:",
+        _table(["device", "connected"], [[a["device_id"], "yes" if a["connected"] else "no"]
+                                          for a in status["agents"]]),
+        "",
+        "transfers:",
+        _table(["transfer", "device", "dataset", "snapshot", "node", "state", "done/total", "sent"],
+               [[t["transfer_id"], t["device_id"], t["dataset"], t["snapshot"], t["node_id"], t["state"],
+                 f"{format_bytes(t['bytes_done'])}/{format_bytes(t['bytes_total'])}", format_bytes(t["bytes_sent"])]
+                for t in status["transfers"]]),
+    ]
+    return "\n".join(parts)
+
+
+def render_list(snapshots: list) -> str:
+    return _table(["device", "dataset", "snapshot", "node", "size", "blake3"],
+                  [[s["device_id"], s["dataset"], s["snapshot"], s["node_id"], format_bytes(s["size"]),
+                    s["blake3"][:16]] for s in snapshots])

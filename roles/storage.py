@@ -1,0 +1,313 @@
+"""Storage worker process: one DEALER to the broker, one poll loop, a store pool.
+
+It verifies and stores chunks (durable before STORED), answers manifest
+slices with what the device lacks, commits verified manifests, and streams
+restores under the agent's credit. Logic lives in `roles/storenode/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import zmq
+from loguru import logger
+
+from bus.errors import RemoteProtocolError, RequestError
+from bus.heartbeat import Backoff, Liveness
+from bus.pipeline import TaskPool
+from bus.sockets import Outbox, make_dealer, recv_frames
+from roles.config import StorageConfig
+from roles.process import MAX_POLL_MS, StopFlag, now
+from roles.storenode.chunkstore import ChunkStore
+from roles.storenode.durable import remove_temp_files
+from roles.storenode.faults import DiskFaults
+from roles.storenode.manifests import ManifestStore
+from roles.storenode.ownership import DeviceChunks
+from roles.storenode.sessions import ReadSession, UploadSession
+from roles.storenode.verify import verify_image
+from schemas import decode, error_message, make
+
+SOFTWARE = "speedsync-storage/0.1"
+# Bytes of restore data sent per loop turn before polling again.
+PUMP_BUDGET = 8 * 1024 * 1024
+
+
+class StorageNode:
+    def __init__(self, config: StorageConfig):
+        self.config = config
+        removed = remove_temp_files(config.data_dir) if _exists(config.data_dir) else 0
+        if removed:
+            logger.info("removed {} temporary files left by an interrupted write", removed)
+        self.faults = DiskFaults(write_rate=config.fault_write_rate)
+        self.chunks = ChunkStore(config.data_dir, write_hook=self.faults.before_write if self.faults.active else None)
+        self.manifests = ManifestStore(config.data_dir)
+        self.owners = DeviceChunks(config.data_dir, committed_chunks=self._committed_chunks)
+        self.pool = TaskPool(config.store_threads, name="store")
+        self.uploads: dict[str, UploadSession] = {}
+        self.reads: dict[str, ReadSession] = {}
+        self.ctx = zmq.Context()
+        self.sock = None
+        self.outbox = None
+        self.interval_s = config.heartbeat_interval_ms / 1000
+        self.liveness = None
+        self.backoff = Backoff()
+        self.errors_sent = 0
+
+    def _committed_chunks(self, device_id: str):
+        for manifest in self.manifests.all_for_device(device_id):
+            yield from manifest.chunks
+
+    # --- connection -------------------------------------------------------
+
+    def connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = make_dealer(self.ctx, self.config.broker)
+        self.outbox = Outbox(self.sock)
+        self.liveness = Liveness(self.interval_s, self.config.heartbeat_liveness, now())
+        self._send_ready()
+
+    def _send_ready(self) -> None:
+        free, used = self.chunks.space()
+        self.send(make("READY", node_id=self.config.node_id, window=self.config.window,
+                       free_bytes=free, used_bytes=used, software=SOFTWARE))
+        logger.info("node {} registering with {}", self.config.node_id, self.config.broker)
+
+    def send(self, message) -> None:
+        self.outbox.send(message)
+        self.liveness.sent(now())
+
+    def send_error(self, exc, ref: str | None, **extra) -> None:
+        self.errors_sent += 1
+        self.send(error_message(exc, ref=ref, **extra))
+
+    # --- loop -------------------------------------------------------------
+
+    def run(self, stop: StopFlag) -> None:
+        self.connect()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.pool.fileno, zmq.POLLIN)
+        try:
+            while not stop.stopping:
+                timeout_ms = min(MAX_POLL_MS, int(self.liveness.next_deadline(now()) * 1000) + 1)
+                events = dict(poller.poll(timeout_ms))
+                if self.sock in events:
+                    self._drain_socket()
+                if self.pool.fileno in events:
+                    for key, result, error in self.pool.done():
+                        self._on_task_done(key, result, error)
+                self._pump_reads()
+                t = now()
+                if self.liveness.is_dead(t):
+                    logger.warning("broker silent for {} intervals; reconnecting", self.config.heartbeat_liveness)
+                    poller.unregister(self.sock)
+                    stop_wait = self.backoff.next_delay()
+                    _sleep_unless(stop, stop_wait)
+                    self.connect()
+                    poller.register(self.sock, zmq.POLLIN)
+                elif self.liveness.heartbeat_due(t):
+                    free, used = self.chunks.space()
+                    self.send(make("HEARTBEAT", free_bytes=free, used_bytes=used, load=self.load))
+                self.owners.flush()
+        finally:
+            self.owners.close()
+            self.pool.close()
+            if self.sock is not None:
+                self.sock.close(linger=0)
+            self.ctx.term()
+
+    @property
+    def load(self) -> int:
+        return len(self.uploads) + len(self.reads) + self.pool.pending
+
+    def _drain_socket(self) -> None:
+        for _ in range(256):
+            try:
+                frames = recv_frames(self.sock)
+            except zmq.Again:
+                return
+            self.liveness.heard(now())
+            self.backoff.reset()
+            try:
+                msg = decode(frames)
+            except RemoteProtocolError as exc:
+                logger.warning("bad message from broker: {}", exc)
+                self.send_error(exc, ref=None)
+                continue
+            handler = getattr(self, f"on_{msg.t}", None)
+            if handler is None:
+                self.send_error(RequestError(f"{msg.t} is not for a storage node", "unknown_type"), ref=msg.t,
+                                transfer_id=msg.get("transfer_id"))
+                continue
+            try:
+                handler(msg)
+            except RequestError as exc:
+                self.send_error(exc, ref=msg.t, transfer_id=msg.get("transfer_id"))
+
+    # --- handlers (one per message type) -----------------------------------
+
+    def on_HEARTBEAT(self, msg) -> None:
+        pass
+
+    def on_ERROR(self, msg) -> None:
+        logger.warning("broker says {}: {}", msg["code"], msg["reason"])
+        if msg["code"] == "not_registered":
+            self._send_ready()
+
+    def on_OPEN(self, msg) -> None:
+        tid = msg["transfer_id"]
+        if tid not in self.uploads:
+            self.uploads[tid] = UploadSession(
+                tid, msg["device_id"], msg["dataset"], msg["snapshot"], msg["image_size"], msg["chunk_size"],
+                msg["chunk_count"], last_activity=now())
+        self.send(make("OPENED", transfer_id=tid))
+
+    def _upload(self, tid: str) -> UploadSession:
+        session = self.uploads.get(tid)
+        if session is None:
+            raise RequestError(f"no open transfer {tid}", "unknown_transfer")
+        session.last_activity = now()
+        return session
+
+    def on_QUERY(self, msg) -> None:
+        session = self._upload(msg["transfer_id"])
+        device = session.device_id
+        missing = session.record_slice(msg["start"], msg["hashes"], lambda name: self.owners.owns(device, name))
+        self.send(make("MISSING", transfer_id=session.transfer_id, start=msg["start"],
+                       count=len(msg["hashes"]), missing=missing))
+
+    def on_CHUNK(self, msg) -> None:
+        session = self._upload(msg["transfer_id"])
+        name, raw_len, payload = msg["hash"], msg["raw_len"], msg.payload[0]
+        try:
+            session.expected_len(name, raw_len)
+        except RequestError as exc:
+            self.send_error(exc, ref="CHUNK", transfer_id=session.transfer_id, hash=name)
+            return
+        wire_len = len(payload)
+        self.pool.submit(("chunk", session.transfer_id, name, raw_len, wire_len),
+                         self.chunks.put, name, raw_len, msg["codec"], payload)
+
+    def on_COMMIT(self, msg) -> None:
+        session = self._upload(msg["transfer_id"])
+        session.require_complete()
+        session.committing = True
+        session.image_blake3 = msg["image_blake3"]
+        manifest = session.manifest()
+        if self.manifests.exists(manifest.device_id, manifest.dataset, manifest.snapshot):
+            existing = self.manifests.load(manifest.device_id, manifest.dataset, manifest.snapshot)
+            if manifest.image_blake3 is not None and existing.image_blake3 != manifest.image_blake3:
+                del self.uploads[session.transfer_id]
+                raise RequestError(f"{manifest.dataset}/{manifest.snapshot} is stored with other content", "conflict")
+        for name in manifest.chunks:
+            if name is not None and not self.owners.owns(manifest.device_id, name):
+                session.committing = False
+                raise RequestError("the manifest names chunks this device has not stored", "commit_failed")
+        self.pool.submit(("commit", session.transfer_id), self._verify_and_save, manifest)
+
+    def _verify_and_save(self, manifest):
+        digest = verify_image(self.chunks, manifest)
+        manifest = dataclasses.replace(manifest, image_blake3=digest)
+        self.manifests.save(manifest)
+        return manifest
+
+    def on_ABORT(self, msg) -> None:
+        self.uploads.pop(msg["transfer_id"], None)
+        self.reads.pop(msg["transfer_id"], None)
+
+    def on_READ(self, msg) -> None:
+        manifest = self.manifests.load(msg["device_id"], msg["dataset"], msg["snapshot"])
+        session = ReadSession(msg["transfer_id"], manifest, credit=msg["window"], last_activity=now())
+        self.reads[session.transfer_id] = session
+        self.send(make("IMAGE", transfer_id=session.transfer_id, image_size=manifest.image_size,
+                       chunk_size=manifest.chunk_size, chunk_count=manifest.chunk_count,
+                       image_blake3=manifest.image_blake3))
+
+    def on_CREDIT(self, msg) -> None:
+        session = self.reads.get(msg["transfer_id"])
+        if session is None:
+            raise RequestError(f"no restore {msg['transfer_id']}", "unknown_transfer")
+        session.credit += msg["bytes"]
+        session.last_activity = now()
+
+    # --- completions --------------------------------------------------------
+
+    def _on_task_done(self, key, result, error) -> None:
+        kind, tid = key[0], key[1]
+        if kind == "chunk":
+            _, _, name, raw_len, wire_len = key
+            session = self.uploads.get(tid)
+            if error is not None:
+                if not isinstance(error, RequestError):
+                    logger.error("storing chunk {} failed: {}", name.hex()[:16], error)
+                    error = RequestError(f"store failed: {error}", "storage_error")
+                self.send_error(error, ref="CHUNK", transfer_id=tid, hash=name)
+                return
+            if session is not None:
+                self.owners.add(session.device_id, name)
+                session.stored(name)
+            self.send(make("STORED", transfer_id=tid, hash=name, raw_len=raw_len, wire_len=wire_len))
+        elif kind == "commit":
+            session = self.uploads.pop(tid, None)
+            if session is None:
+                return
+            if error is not None:
+                if not isinstance(error, RequestError):
+                    logger.error("commit of {} failed: {}", tid, error)
+                    error = RequestError(f"commit failed: {error}", "commit_failed")
+                self.send_error(error, ref="COMMIT", transfer_id=tid)
+                return
+            m = result
+            logger.info("committed {}/{}/{} ({} chunks)", m.device_id, m.dataset, m.snapshot, m.chunk_count)
+            self.send(make("COMMITTED", transfer_id=tid, device_id=m.device_id, dataset=m.dataset,
+                           snapshot=m.snapshot, image_size=m.image_size, chunk_count=m.chunk_count,
+                           image_blake3=m.image_blake3))
+
+    def _pump_reads(self) -> None:
+        budget = PUMP_BUDGET
+        for tid in list(self.reads):
+            session = self.reads[tid]
+            while not session.finished and budget > 0:
+                index = session.next_index
+                name = session.manifest.chunks[index]
+                raw_len = session.manifest.chunk_len(index)
+                if name is None:
+                    self.send(make("BLOCK", transfer_id=tid, index=index, hash=None, raw_len=raw_len, codec="raw"))
+                    session.next_index += 1
+                    continue
+                try:
+                    codec, stored_len, payload = self.chunks.read_stored(name)
+                except RequestError as exc:
+                    self.send_error(RequestError(f"chunk {index}: {exc.reason}", exc.code), ref="READ",
+                                    transfer_id=tid)
+                    del self.reads[tid]
+                    break
+                if len(payload) > session.credit:
+                    break
+                session.credit -= len(payload)
+                budget -= len(payload)
+                self.send(make("BLOCK", payload=[payload], transfer_id=tid, index=index, hash=name,
+                               raw_len=stored_len, codec=codec))
+                session.next_index += 1
+            if session.finished:
+                self.reads.pop(tid, None)
+
+
+def _exists(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def _sleep_unless(stop: StopFlag, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not stop.stopping and time.monotonic() < deadline:
+        time.sleep(min(0.05, deadline - time.monotonic()))
+
+
+def run_storage(config: StorageConfig) -> int:
+    stop = StopFlag().install()
+    node = StorageNode(config)
+    node.run(stop)
+    return 0

@@ -1,0 +1,95 @@
+"""Committed snapshot manifests, one durable msgpack file each.
+
+`<root>/manifests/<device>/<dataset>/<snapshot>.manifest` holds the ordered
+chunk names (None for an all-zero chunk) and the whole-image blake3. Ids are
+validated by the schema before they reach here; `_path` checks again because
+a path is the last line of defence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from bus.errors import RequestError
+from roles.storenode.durable import write_durable
+from schemas import is_valid_id
+
+
+@dataclass(frozen=True)
+class Manifest:
+    device_id: str
+    dataset: str
+    snapshot: str
+    image_size: int
+    chunk_size: int
+    image_blake3: bytes
+    chunks: tuple  # chunk names in order; None marks an all-zero chunk
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    def chunk_len(self, index: int) -> int:
+        if index < self.chunk_count - 1:
+            return self.chunk_size
+        return self.image_size - self.chunk_size * (self.chunk_count - 1)
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb({
+            "format": 1, "device_id": self.device_id, "dataset": self.dataset, "snapshot": self.snapshot,
+            "image_size": self.image_size, "chunk_size": self.chunk_size,
+            "image_blake3": self.image_blake3, "chunks": list(self.chunks),
+        }, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "Manifest":
+        d = msgpack.unpackb(blob, raw=False)
+        return cls(d["device_id"], d["dataset"], d["snapshot"], d["image_size"], d["chunk_size"],
+                   d["image_blake3"], tuple(d["chunks"]))
+
+
+def chunk_count_for(image_size: int, chunk_size: int) -> int:
+    return (image_size + chunk_size - 1) // chunk_size
+
+
+class ManifestStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root) / "manifests"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, device_id: str, dataset: str, snapshot: str) -> Path:
+        for value in (device_id, dataset, snapshot):
+            if not is_valid_id(value):
+                raise RequestError(f"invalid id {value!r}", "bad_id")
+        return self.root / device_id / dataset / f"{snapshot}.manifest"
+
+    def save(self, manifest: Manifest) -> None:
+        path = self._path(manifest.device_id, manifest.dataset, manifest.snapshot)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_durable(path, [manifest.to_bytes()])
+
+    def load(self, device_id: str, dataset: str, snapshot: str) -> Manifest:
+        path = self._path(device_id, dataset, snapshot)
+        try:
+            return Manifest.from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            raise RequestError(f"snapshot {dataset}/{snapshot} is not stored here", "not_found") from None
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            raise RequestError(f"manifest of {dataset}/{snapshot} is damaged", "storage_error") from None
+
+    def exists(self, device_id: str, dataset: str, snapshot: str) -> bool:
+        return self._path(device_id, dataset, snapshot).exists()
+
+    def all_for_device(self, device_id: str):
+        base = self.root / device_id
+        if not base.is_dir():
+            return
+        for path in sorted(base.glob("*/*.manifest")):
+            try:
+                yield Manifest.from_bytes(path.read_bytes())
+            except Exception:
+                continue  # scrub reports damaged manifests; ownership just skips them

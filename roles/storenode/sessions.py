@@ -1,0 +1,88 @@
+"""Storage-side transfer state: uploads being negotiated and restores streaming.
+
+Plain objects: no sockets, no disk. The storage process feeds them decoded
+messages and asks what to do.
+
+Upload: the agent sends the manifest in order as QUERY slices; each slice is
+answered with the indexes this device has not stored, each name at most once
+per transfer (the first index it appears at). COMMIT is allowed when every
+slice has arrived and every name told missing has been stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bus.errors import RequestError
+from roles.storenode.manifests import Manifest, chunk_count_for
+
+
+@dataclass
+class UploadSession:
+    transfer_id: str
+    device_id: str
+    dataset: str
+    snapshot: str
+    image_size: int
+    chunk_size: int
+    chunk_count: int
+    image_blake3: bytes | None = None
+    names: list = field(default_factory=list)
+    awaiting: set = field(default_factory=set)
+    committing: bool = False
+    last_activity: float = 0.0
+
+    def __post_init__(self):
+        if chunk_count_for(self.image_size, self.chunk_size) != self.chunk_count:
+            raise RequestError(
+                f"{self.chunk_count} chunks do not cover {self.image_size} bytes at {self.chunk_size}", "bad_field")
+
+    def record_slice(self, start: int, names: list, owns) -> list:
+        """Accept manifest entries [start, start+len); return missing indexes."""
+        if self.committing:
+            raise RequestError("transfer is committing", "bad_state")
+        if start != len(self.names):
+            raise RequestError(f"manifest slice starts at {start}, expected {len(self.names)}", "bad_state")
+        if start + len(names) > self.chunk_count:
+            raise RequestError("manifest slice runs past the chunk count", "bad_field")
+        missing = []
+        for offset, name in enumerate(names):
+            if name is not None and name not in self.awaiting and not owns(name):
+                self.awaiting.add(name)
+                missing.append(start + offset)
+        self.names.extend(names)
+        return missing
+
+    def expected_len(self, name: bytes, raw_len: int) -> None:
+        if name not in self.awaiting:
+            raise RequestError("chunk was not asked for in this transfer", "bad_state")
+        if raw_len > self.chunk_size:
+            raise RequestError(f"chunk of {raw_len} bytes exceeds chunk size {self.chunk_size}", "bad_field")
+
+    def stored(self, name: bytes) -> None:
+        self.awaiting.discard(name)
+
+    def require_complete(self) -> None:
+        if len(self.names) != self.chunk_count:
+            raise RequestError(f"manifest has {len(self.names)} of {self.chunk_count} entries", "bad_state")
+        if self.awaiting:
+            raise RequestError(f"{len(self.awaiting)} chunks still to be sent", "bad_state")
+
+    def manifest(self) -> Manifest:
+        return Manifest(self.device_id, self.dataset, self.snapshot, self.image_size, self.chunk_size,
+                        self.image_blake3, tuple(self.names))
+
+
+@dataclass
+class ReadSession:
+    """A restore stream: chunks go out in order, only within the agent's credit."""
+
+    transfer_id: str
+    manifest: Manifest
+    credit: int
+    next_index: int = 0
+    last_activity: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.next_index >= self.manifest.chunk_count

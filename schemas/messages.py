@@ -1,0 +1,131 @@
+"""Every SpeedSync message, declared once, as data.
+
+The codec, validation, README's protocol table and the tests all read
+`MESSAGES`. Roles: `agent` (appliance, DEALER), `broker` (controller, ROUTER
+on both sides), `node` (storage worker, DEALER), `operator` (status client).
+
+Protocol versioning: `v` is the major version. A peer with another major
+version gets ERROR bad_version. New optional fields and new message types
+are minor changes and keep `v`; removing or re-typing a field bumps it.
+
+Flow of one upload (DESIGN.md, "Wire protocol"):
+  agent OFFER -> broker OPEN -> node OPENED -> broker ACCEPT -> agent
+  agent QUERY (manifest slice) -> node MISSING (indexes it lacks for this device)
+  broker CREDIT -> agent CHUNK (+payload) -> node STORED (durable) -> agent
+  agent COMMIT -> node COMMITTED (verified, manifest durable) -> broker catalog -> agent
+Restore: agent RESTORE -> broker READ -> node IMAGE, BLOCK... under agent CREDIT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas.fields import HASH, Bin, Bool, Doc, Field, Id, Int, ListOf, Str
+
+PROTOCOL_VERSION = 1
+
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+MIN_CHUNK_SIZE = 4096
+MAX_IMAGE_SIZE = 2**50
+MAX_HASHES_PER_QUERY = 4096
+MAX_CHUNKS = MAX_IMAGE_SIZE // MIN_CHUNK_SIZE
+CODECS = ("raw", "zstd")
+
+# Header limits: data-path messages are small; QUERY carries up to 4096
+# 32-byte names; only the broker's answers to operators may be large.
+SMALL_HEADER = 4 * 1024
+QUERY_HEADER = 160 * 1024
+DOC_HEADER = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MessageType:
+    name: str
+    senders: tuple
+    receivers: tuple
+    purpose: str
+    fields: dict = field(default_factory=dict)
+    payload: tuple = (0, 0)  # (min, max) payload frames
+    max_header: int = SMALL_HEADER
+    planned: bool = False
+
+
+def _t(name, senders, receivers, purpose, fields=None, payload=(0, 0), max_header=SMALL_HEADER, planned=False):
+    return MessageType(name, tuple(senders.split()), tuple(receivers.split()), purpose,
+                       dict(fields or {}), payload, max_header, planned)
+
+
+TRANSFER = {"transfer_id": Id()}
+
+_DECLARED = [
+    _t("HELLO", "agent", "broker", "register a device session (identity from its key under CURVE)",
+       {"device_id": Id(), "software": Str(max_len=64, required=False)}),
+    _t("WELCOME", "broker", "agent", "session accepted; heartbeat interval to use",
+       {"heartbeat_interval_ms": Int(min=10, max=600_000)}),
+    _t("READY", "node", "broker", "register a storage worker with its credit window and space",
+       {"node_id": Id(), "window": Int(min=1, max=2**40), "free_bytes": Int(), "used_bytes": Int(),
+        "software": Str(max_len=64, required=False)}),
+    _t("HEARTBEAT", "agent broker node", "agent broker node", "liveness; nodes also report space and load",
+       {"free_bytes": Int(required=False), "used_bytes": Int(required=False),
+        "load": Int(required=False)}),
+    _t("BYE", "agent node", "broker", "orderly disconnect"),
+    _t("OFFER", "agent", "broker", "ask to replicate one snapshot",
+       {"req": Int(), "dataset": Id(), "snapshot": Id(), "image_size": Int(max=MAX_IMAGE_SIZE),
+        "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE), "chunk_count": Int(max=MAX_CHUNKS)}),
+    _t("OPEN", "broker", "node", "open an upload transfer on the chosen node",
+       {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(),
+        "image_size": Int(max=MAX_IMAGE_SIZE), "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE),
+        "chunk_count": Int(max=MAX_CHUNKS)}),
+    _t("OPENED", "node", "broker", "the node holds state for the transfer", {**TRANSFER}),
+    _t("ACCEPT", "broker", "agent", "answer to OFFER or RESTORE: the transfer id and its node",
+       {"req": Int(), **TRANSFER, "node_id": Id(), "committed": Bool()}),
+    _t("QUERY", "agent", "node", "a slice of the manifest in order: which of these do you lack? (nil = zero chunk)",
+       {**TRANSFER, "start": Int(max=MAX_CHUNKS), "hashes": ListOf(item=Bin(size=32, max_len=32, nullable=True),
+                                                                  max_items=MAX_HASHES_PER_QUERY)},
+       max_header=QUERY_HEADER),
+    _t("MISSING", "node", "agent", "indexes of that slice this device has not stored (each name once per transfer)",
+       {**TRANSFER, "start": Int(max=MAX_CHUNKS), "count": Int(max=MAX_HASHES_PER_QUERY),
+        "missing": ListOf(item=Int(max=MAX_CHUNKS), max_items=MAX_HASHES_PER_QUERY)},
+       max_header=QUERY_HEADER),
+    _t("CREDIT", "broker agent", "agent node", "grant the right to send this many more payload bytes",
+       {**TRANSFER, "bytes": Int(max=2**40)}),
+    _t("CHUNK", "agent", "node", "one chunk's bytes, compressed or raw; named by blake3 of the raw bytes",
+       {**TRANSFER, "hash": HASH, "raw_len": Int(min=1, max=MAX_CHUNK_SIZE), "codec": Str(choices=CODECS)},
+       payload=(1, 1)),
+    _t("DELTA", "agent", "node", "a changed chunk as its base chunk plus the 4 KiB pages that differ",
+       {**TRANSFER, "hash": HASH, "base_hash": HASH, "raw_len": Int(min=1, max=MAX_CHUNK_SIZE),
+        "pages": ListOf(item=Int(max=MAX_CHUNK_SIZE // 4096), max_items=MAX_CHUNK_SIZE // 4096),
+        "codec": Str(choices=CODECS)},
+       payload=(1, 1), planned=True),
+    _t("STORED", "node", "agent", "the chunk is durable (fsync'd, renamed); its credit returns",
+       {**TRANSFER, "hash": HASH, "raw_len": Int(max=MAX_CHUNK_SIZE), "wire_len": Int(max=MAX_CHUNK_SIZE + 65536)}),
+    _t("COMMIT", "agent", "node", "every chunk is sent: verify against the image blake3 (nil: the node computes it) and commit",
+       {**TRANSFER, "image_blake3": Bin(size=32, max_len=32, nullable=True)}),
+    _t("COMMITTED", "node", "broker agent", "the snapshot is verified against its image blake3 and durable",
+       {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(), "image_size": Int(max=MAX_IMAGE_SIZE),
+        "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}),
+    _t("ABORT", "agent broker", "broker node", "forget a transfer (chunks already stored stay)", {**TRANSFER}),
+    _t("RESTORE", "agent", "broker", "stream a committed snapshot back, under the agent's credit",
+       {"req": Int(), "dataset": Id(), "snapshot": Id(), "window": Int(min=1, max=2**34)}),
+    _t("READ", "broker", "node", "open a restore stream for a device's snapshot",
+       {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(), "window": Int(min=1, max=2**34)}),
+    _t("IMAGE", "node", "agent", "restore header: what the image is",
+       {**TRANSFER, "image_size": Int(max=MAX_IMAGE_SIZE), "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE),
+        "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}),
+    _t("BLOCK", "node", "agent", "one chunk of a restore in order; no payload for a zero chunk",
+       {**TRANSFER, "index": Int(max=MAX_CHUNKS), "hash": Bin(size=32, max_len=32, nullable=True),
+        "raw_len": Int(max=MAX_CHUNK_SIZE), "codec": Str(choices=CODECS)},
+       payload=(0, 1)),
+    _t("ERROR", "agent broker node", "agent broker node operator", "a refusal with a stable code and a human reason",
+       {"code": Str(max_len=32), "reason": Str(max_len=1024), "ref": Str(max_len=32, required=False),
+        "transfer_id": Id(required=False), "req": Int(required=False), "hash": Bin(size=32, max_len=32, required=False)}),
+    _t("STATUS", "operator", "broker", "ask for the broker's status document"),
+    _t("STATUS_REPLY", "broker", "operator", "agents, storage, transfers, broker counters",
+       {"status": Doc()}, max_header=DOC_HEADER),
+    _t("LIST", "operator", "broker", "ask for the catalog of committed snapshots",
+       {"device_id": Id(required=False)}),
+    _t("LIST_REPLY", "broker", "operator", "committed snapshots",
+       {"snapshots": Doc()}, max_header=DOC_HEADER),
+]
+
+MESSAGES: dict[str, MessageType] = {m.name: m for m in _DECLARED}
