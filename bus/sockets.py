@@ -12,8 +12,6 @@ from collections import Counter
 
 import zmq
 
-from schemas import Message, encode
-
 # Credit bounds the bytes in flight; the HWM only bounds message counts, so
 # it is set high enough never to be the limit in normal operation.
 DEFAULT_HWM = 10_000
@@ -49,14 +47,19 @@ def make_dealer(ctx: zmq.Context, connect: str, *, hwm: int = DEFAULT_HWM) -> zm
 
 
 class Outbox:
-    """Non-blocking sends with drop counting, one per socket."""
+    """Non-blocking sends with drop counting, one per socket.
 
-    def __init__(self, sock: zmq.Socket):
+    `encode(message) -> frames` comes from the caller (schemas.encode), so
+    the bus stays ignorant of what messages mean.
+    """
+
+    def __init__(self, sock: zmq.Socket, encode):
         self.sock = sock
+        self.encode = encode
         self.dropped = Counter()
 
-    def send(self, message: Message, routing: bytes | None = None) -> bool:
-        return self.send_frames(encode(message), routing, message.t)
+    def send(self, message, routing: bytes | None = None) -> bool:
+        return self.send_frames(self.encode(message), routing, message.t)
 
     def send_frames(self, frames: list, routing: bytes | None = None, t: str = "?") -> bool:
         if routing is not None:

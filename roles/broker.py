@@ -23,7 +23,7 @@ from roles.controller.placement import choose_node
 from roles.controller.registry import Registry
 from roles.controller.transfers import Transfer
 from roles.process import MAX_POLL_MS, StopFlag, now
-from schemas import decode, error_message, make
+from schemas import decode, encode, error_message, make
 from schemas.messages import MAX_CHUNK_SIZE
 
 AGENT_SIDE = "agent"
@@ -52,9 +52,9 @@ class Broker:
         self.frontend = make_router(self.ctx, config.frontend_bind)
         self.backend = make_router(self.ctx, config.backend_bind)
         self.status_sock = make_router(self.ctx, config.status_bind)
-        self.front_out = Outbox(self.frontend)
-        self.back_out = Outbox(self.backend)
-        self.status_out = Outbox(self.status_sock)
+        self.front_out = Outbox(self.frontend, encode)
+        self.back_out = Outbox(self.backend, encode)
+        self.status_out = Outbox(self.status_sock, encode)
 
     # --- loop -------------------------------------------------------------
 

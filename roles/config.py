@@ -82,7 +82,6 @@ class AgentConfig:
     scan_interval_ms: int = _kind("int", 2000, min=50)
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
-    request_timeout_ms: int = _kind("int", 30000, min=100)
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 

@@ -27,7 +27,7 @@ from roles.storenode.manifests import ManifestStore
 from roles.storenode.ownership import DeviceChunks
 from roles.storenode.sessions import ReadSession, UploadSession
 from roles.storenode.verify import verify_image
-from schemas import decode, error_message, make
+from schemas import decode, encode, error_message, make
 
 SOFTWARE = "speedsync-storage/0.1"
 # Bytes of restore data sent per loop turn before polling again.
@@ -65,7 +65,7 @@ class StorageNode:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = make_dealer(self.ctx, self.config.broker)
-        self.outbox = Outbox(self.sock)
+        self.outbox = Outbox(self.sock, encode)
         self.liveness = Liveness(self.interval_s, self.config.heartbeat_liveness, now())
         self._send_ready()
 

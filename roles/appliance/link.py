@@ -13,7 +13,7 @@ from loguru import logger
 from bus.errors import RemoteProtocolError
 from bus.heartbeat import Backoff, Liveness
 from bus.sockets import Outbox, make_dealer, recv_frames
-from schemas import decode, make
+from schemas import decode, encode, make
 
 SOFTWARE = "speedsync-agent/0.1"
 
@@ -36,7 +36,7 @@ class BrokerLink:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = make_dealer(self.ctx, self.endpoint)
-        self.outbox = Outbox(self.sock)
+        self.outbox = Outbox(self.sock, encode)
         self.liveness = Liveness(self.interval_s, self.liveness_count, now)
         self.welcomed = False
         self.send(make("HELLO", device_id=self.device_id, software=SOFTWARE), now)

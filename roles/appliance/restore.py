@@ -83,6 +83,13 @@ class ImageWriter:
         os.rename(self.tmp, self.out)
         fsync_dir(self.out.parent)
 
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.fd is not None:
+            self.discard()
+
     def discard(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -95,46 +102,47 @@ def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_
     ctx = zmq.Context()
     link = BrokerLink(ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
                       config.heartbeat_liveness, now())
-    writer = ImageWriter(out)
     started = time.monotonic()
-    transfer_id = None
-    last_progress = now()
     try:
-        poller = zmq.Poller()
-        poller.register(link.sock, zmq.POLLIN)
-        requested = False
-        while True:
-            t = now()
-            if t - last_progress > timeout_s:
-                raise RequestError(f"no progress for {timeout_s:.0f}s", "internal")
-            if not link.tick(t):
-                raise RequestError(f"broker {link.endpoint} does not answer", "node_unavailable")
-            if link.welcomed and not requested:
-                link.send(make("RESTORE", req=1, dataset=dataset, snapshot=snapshot, window=RESTORE_WINDOW), t)
-                requested = True
-            if not poller.poll(MAX_POLL_MS):
-                continue
-            for msg in link.receive(now()):
-                last_progress = now()
-                if msg.t == "ERROR":
-                    raise RequestError(msg["reason"], msg["code"] if msg["code"] in CODES else "internal")
-                if msg.t == "ACCEPT":
-                    transfer_id = msg["transfer_id"]
-                elif msg.t == "IMAGE" and msg["transfer_id"] == transfer_id:
-                    writer.on_image(msg["image_size"], msg["chunk_size"], msg["chunk_count"], msg["image_blake3"])
-                elif msg.t == "BLOCK" and msg["transfer_id"] == transfer_id:
-                    credit = writer.on_block(msg["index"], msg["hash"], msg["raw_len"], msg["codec"],
-                                             msg.payload[0] if msg.payload else None)
-                    if credit:
-                        link.send(make("CREDIT", transfer_id=transfer_id, bytes=credit), now())
-                if writer.complete:
-                    writer.finish()
-                    return {"dataset": dataset, "snapshot": snapshot, "out": str(out), "bytes": writer.image_size,
-                            "blake3": writer.expected_blake3.hex(), "seconds": round(time.monotonic() - started, 3)}
-    except BaseException:
-        writer.discard()
-        raise
+        with ImageWriter(out) as writer:
+            return _restore_loop(link, writer, dataset, snapshot, out, timeout_s, started)
     finally:
         link.close()
         ctx.term()
+
+
+def _restore_loop(link, writer, dataset, snapshot, out, timeout_s, started) -> dict:
+    transfer_id = None
+    last_progress = now()
+    poller = zmq.Poller()
+    poller.register(link.sock, zmq.POLLIN)
+    requested = False
+    while True:
+        t = now()
+        if t - last_progress > timeout_s:
+            raise RequestError(f"no progress for {timeout_s:.0f}s", "internal")
+        if not link.tick(t):
+            raise RequestError(f"broker {link.endpoint} does not answer", "node_unavailable")
+        if link.welcomed and not requested:
+            link.send(make("RESTORE", req=1, dataset=dataset, snapshot=snapshot, window=RESTORE_WINDOW), t)
+            requested = True
+        if not poller.poll(MAX_POLL_MS):
+            continue
+        for msg in link.receive(now()):
+            last_progress = now()
+            if msg.t == "ERROR":
+                raise RequestError(msg["reason"], msg["code"] if msg["code"] in CODES else "internal")
+            if msg.t == "ACCEPT":
+                transfer_id = msg["transfer_id"]
+            elif msg.t == "IMAGE" and msg["transfer_id"] == transfer_id:
+                writer.on_image(msg["image_size"], msg["chunk_size"], msg["chunk_count"], msg["image_blake3"])
+            elif msg.t == "BLOCK" and msg["transfer_id"] == transfer_id:
+                credit = writer.on_block(msg["index"], msg["hash"], msg["raw_len"], msg["codec"],
+                                         msg.payload[0] if msg.payload else None)
+                if credit:
+                    link.send(make("CREDIT", transfer_id=transfer_id, bytes=credit), now())
+            if writer.complete:
+                writer.finish()
+                return {"dataset": dataset, "snapshot": snapshot, "out": str(out), "bytes": writer.image_size,
+                        "blake3": writer.expected_blake3.hex(), "seconds": round(time.monotonic() - started, 3)}
 

@@ -1,0 +1,73 @@
+"""Strict configuration: every shipped file loads, every mistake names key and file."""
+
+from pathlib import Path
+
+import pytest
+
+from roles import config as cfg
+from roles.units import parse_rate, parse_size
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+ROLE = {"broker.yaml": cfg.BrokerConfig, "storage.yaml": cfg.StorageConfig, "agent.yaml": cfg.AgentConfig}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    loaded = cfg.load(ROLE[name], CONFIGS / name)
+    assert loaded == cfg.load(ROLE[name], CONFIGS / name)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("bogus: 1\n", "bogus"),
+    ("heartbeat_interval_ms: fast\n", "heartbeat_interval_ms"),
+    ("transfer_window: 12 parsecs\n", "transfer_window"),
+    ("insecure: maybe\n", "insecure"),
+    ("data_dir: 5\n", "data_dir"),
+    ("frontend_bind: localhost\n", "frontend_bind"),
+])
+def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
+    path = tmp_path / "broker.yaml"
+    path.write_text(text)
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(cfg.BrokerConfig, path)
+    assert key in str(info.value) and str(path) in str(info.value)
+
+
+def test_bad_dataset_entry_names_its_position(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text("datasets:\n  - {name: a, path: x}\n  - {name: b, path: y, chunk_size: 1KiB}\n")
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(cfg.AgentConfig, path)
+    assert "datasets[1].chunk_size" in str(info.value)
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc", "a/b", "", "x" * 129, ".hidden"])
+def test_ids_that_could_become_paths_are_refused(tmp_path, bad_id):
+    path = tmp_path / "storage.yaml"
+    path.write_text(f"node_id: '{bad_id}'\n")
+    with pytest.raises(cfg.ConfigError):
+        cfg.load(cfg.StorageConfig, path)
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path):
+    path = tmp_path / "storage.yaml"
+    path.write_text("data_dir: ./var/n\n")
+    assert cfg.load(cfg.StorageConfig, path).data_dir == str(tmp_path / "var" / "n")
+
+
+@pytest.mark.parametrize("text,expected", [("1MiB", 1 << 20), ("5MB", 5_000_000), ("512KiB", 512 * 1024),
+                                           (4096, 4096), ("1.5GiB", 3 << 29)])
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [("40Mbit", 5_000_000), ("5MB", 5_000_000), ("none", None),
+                                           ("100kbit", 12_500)])
+def test_rates(text, expected):
+    assert parse_rate(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["fast", "-1", "10 parsecs", True, 1.5])
+def test_bad_sizes(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
