@@ -75,11 +75,15 @@ class Agent:
         if not self.link.welcomed:
             return
         deferred = []
+        # One snapshot per dataset at a time: an incremental waits for its
+        # predecessor, whose chunks it will then not need to send.
+        busy = {u.pending.dataset.name for u in self.active.values()}
         while self.queue and len(self.active) < self.config.max_active_transfers:
             pending = self.queue.popleft()
-            if self.retry_at.get(pending.key, 0) > t:
+            if self.retry_at.get(pending.key, 0) > t or pending.dataset.name in busy:
                 deferred.append(pending)
                 continue
+            busy.add(pending.dataset.name)
             self.queued_keys.discard(pending.key)
             self._start(pending, t)
         self.queue.extendleft(reversed(deferred))

@@ -46,6 +46,10 @@ class StorageNode:
         self.owners = DeviceChunks(config.data_dir, committed_chunks=self._committed_chunks)
         self.pool = TaskPool(config.store_threads, name="store")
         self.uploads: dict[str, UploadSession] = {}
+        # device -> {chunk name: uploads asked to send it}: one device's
+        # concurrent uploads never send the same chunk twice.
+        self.device_in_flight: dict[str, dict] = {}
+        self.commits_waiting: set = set()
         self.reads: dict[str, ReadSession] = {}
         self.ctx = zmq.Context()
         self.sock = None
@@ -175,7 +179,12 @@ class StorageNode:
     def on_QUERY(self, msg) -> None:
         session = self._upload(msg["transfer_id"])
         device = session.device_id
-        missing = session.record_slice(msg["start"], msg["hashes"], lambda name: self.owners.owns(device, name))
+        in_flight = self.device_in_flight.setdefault(device, {})
+        missing = session.record_slice(msg["start"], msg["hashes"], lambda name: self.owners.owns(device, name),
+                                       in_flight.__contains__)
+        for index in missing:
+            name = msg["hashes"][index - msg["start"]]
+            in_flight[name] = in_flight.get(name, 0) + 1
         self.send(make("MISSING", transfer_id=session.transfer_id, start=msg["start"],
                        count=len(msg["hashes"]), missing=missing))
 
@@ -196,11 +205,26 @@ class StorageNode:
         session.require_complete()
         session.committing = True
         session.image_blake3 = msg["image_blake3"]
+        self._try_commit(session)
+
+    def _try_commit(self, session: UploadSession) -> None:
+        """Commit now, or wait for chunks another upload of the device is sending."""
+        device = session.device_id
+        waiting_on = session.unresolved_depends(lambda name: self.owners.owns(device, name))
+        if waiting_on:
+            in_flight = self.device_in_flight.get(device, {})
+            if all(name in in_flight for name in waiting_on):
+                self.commits_waiting.add(session.transfer_id)
+                return
+            self.commits_waiting.discard(session.transfer_id)
+            self._close_upload(session.transfer_id)
+            raise RequestError("chunks another transfer was to send never arrived; offer again", "commit_failed")
+        self.commits_waiting.discard(session.transfer_id)
         manifest = session.manifest()
         if self.manifests.exists(manifest.device_id, manifest.dataset, manifest.snapshot):
             existing = self.manifests.load(manifest.device_id, manifest.dataset, manifest.snapshot)
             if manifest.image_blake3 is not None and existing.image_blake3 != manifest.image_blake3:
-                del self.uploads[session.transfer_id]
+                self._close_upload(session.transfer_id)
                 raise RequestError(f"{manifest.dataset}/{manifest.snapshot} is stored with other content", "conflict")
         for name in manifest.chunks:
             if name is not None and not self.owners.owns(manifest.device_id, name):
@@ -215,8 +239,36 @@ class StorageNode:
         return manifest
 
     def on_ABORT(self, msg) -> None:
-        self.uploads.pop(msg["transfer_id"], None)
+        self._close_upload(msg["transfer_id"])
         self.reads.pop(msg["transfer_id"], None)
+
+    def _close_upload(self, tid: str) -> UploadSession | None:
+        """Forget an upload, and that it was to send what it still awaits."""
+        session = self.uploads.pop(tid, None)
+        if session is not None:
+            self._release_in_flight(session.device_id, session.awaiting)
+            self._recheck_waiting_commits(session.device_id)
+        return session
+
+    def _release_in_flight(self, device: str, names) -> None:
+        in_flight = self.device_in_flight.get(device, {})
+        for name in names:
+            count = in_flight.get(name, 0) - 1
+            if count > 0:
+                in_flight[name] = count
+            else:
+                in_flight.pop(name, None)
+
+    def _recheck_waiting_commits(self, device: str) -> None:
+        for tid in list(self.commits_waiting):
+            session = self.uploads.get(tid)
+            if session is None:
+                self.commits_waiting.discard(tid)
+            elif session.device_id == device:
+                try:
+                    self._try_commit(session)
+                except RequestError as exc:
+                    self.send_error(exc, ref="COMMIT", transfer_id=tid)
 
     def on_READ(self, msg) -> None:
         manifest = self.manifests.load(msg["device_id"], msg["dataset"], msg["snapshot"])
@@ -249,9 +301,12 @@ class StorageNode:
             if session is not None:
                 self.owners.add(session.device_id, name)
                 session.stored(name)
+                self._release_in_flight(session.device_id, [name])
             self.send(make("STORED", transfer_id=tid, hash=name, raw_len=raw_len, wire_len=wire_len))
+            if session is not None and self.commits_waiting:
+                self._recheck_waiting_commits(session.device_id)
         elif kind == "commit":
-            session = self.uploads.pop(tid, None)
+            session = self._close_upload(tid)
             if session is None:
                 return
             if error is not None:

@@ -29,6 +29,7 @@ class UploadSession:
     image_blake3: bytes | None = None
     names: list = field(default_factory=list)
     awaiting: set = field(default_factory=set)
+    depends: set = field(default_factory=set)  # names another upload of this device is sending
     committing: bool = False
     last_activity: float = 0.0
 
@@ -37,8 +38,13 @@ class UploadSession:
             raise RequestError(
                 f"{self.chunk_count} chunks do not cover {self.image_size} bytes at {self.chunk_size}", "bad_field")
 
-    def record_slice(self, start: int, names: list, owns) -> list:
-        """Accept manifest entries [start, start+len); return missing indexes."""
+    def record_slice(self, start: int, names: list, owns, in_flight=lambda name: False) -> list:
+        """Accept manifest entries [start, start+len); return missing indexes.
+
+        `owns(name)`: the device has stored it. `in_flight(name)`: another
+        upload of the same device has been asked for it; this one then
+        depends on it instead of sending it twice.
+        """
         if self.committing:
             raise RequestError("transfer is committing", "bad_state")
         if start != len(self.names):
@@ -47,7 +53,11 @@ class UploadSession:
             raise RequestError("manifest slice runs past the chunk count", "bad_field")
         missing = []
         for offset, name in enumerate(names):
-            if name is not None and name not in self.awaiting and not owns(name):
+            if name is None or name in self.awaiting or name in self.depends or owns(name):
+                continue
+            if in_flight(name):
+                self.depends.add(name)
+            else:
                 self.awaiting.add(name)
                 missing.append(start + offset)
         self.names.extend(names)
@@ -61,6 +71,10 @@ class UploadSession:
 
     def stored(self, name: bytes) -> None:
         self.awaiting.discard(name)
+
+    def unresolved_depends(self, owns) -> set:
+        self.depends = {name for name in self.depends if not owns(name)}
+        return self.depends
 
     def require_complete(self) -> None:
         if len(self.names) != self.chunk_count:
