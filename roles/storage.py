@@ -11,6 +11,7 @@ import dataclasses
 import os
 import time
 
+import blake3
 import zmq
 from loguru import logger
 
@@ -26,7 +27,7 @@ from roles.storenode.faults import DiskFaults
 from roles.storenode.manifests import ManifestStore
 from roles.storenode.ownership import DeviceChunks
 from roles.storenode.sessions import ReadSession, UploadSession
-from roles.storenode.verify import verify_image
+from roles.storenode.verify import hash_pieces
 from schemas import decode, encode, error_message, make
 
 SOFTWARE = "speedsync-storage/0.1"
@@ -45,6 +46,7 @@ class StorageNode:
         self.manifests = ManifestStore(config.data_dir)
         self.owners = DeviceChunks(config.data_dir, committed_chunks=self._committed_chunks)
         self.pool = TaskPool(config.store_threads, name="store")
+        self.image_pool = TaskPool(1, name="image")  # whole-image hashes, strictly in order
         self.uploads: dict[str, UploadSession] = {}
         # device -> {chunk name: uploads asked to send it}: one device's
         # concurrent uploads never send the same chunk twice.
@@ -94,15 +96,17 @@ class StorageNode:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.pool.fileno, zmq.POLLIN)
+        poller.register(self.image_pool.fileno, zmq.POLLIN)
         try:
             while not stop.stopping:
                 timeout_ms = min(MAX_POLL_MS, int(self.liveness.next_deadline(now()) * 1000) + 1)
                 events = dict(poller.poll(timeout_ms))
                 if self.sock in events:
                     self._drain_socket()
-                if self.pool.fileno in events:
-                    for key, result, error in self.pool.done():
-                        self._on_task_done(key, result, error)
+                for pool in (self.pool, self.image_pool):
+                    if pool.fileno in events:
+                        for key, result, error in pool.done():
+                            self._on_task_done(key, result, error)
                 self._pump_reads()
                 t = now()
                 if self.liveness.is_dead(t):
@@ -119,6 +123,7 @@ class StorageNode:
         finally:
             self.owners.close()
             self.pool.close()
+            self.image_pool.close()
             if self.sock is not None:
                 self.sock.close(linger=0)
             self.ctx.term()
@@ -166,7 +171,7 @@ class StorageNode:
         if tid not in self.uploads:
             self.uploads[tid] = UploadSession(
                 tid, msg["device_id"], msg["dataset"], msg["snapshot"], msg["image_size"], msg["chunk_size"],
-                msg["chunk_count"], last_activity=now())
+                msg["chunk_count"], last_activity=now(), hasher=blake3.blake3())
         self.send(make("OPENED", transfer_id=tid))
 
     def _upload(self, tid: str) -> UploadSession:
@@ -187,6 +192,13 @@ class StorageNode:
             in_flight[name] = in_flight.get(name, 0) + 1
         self.send(make("MISSING", transfer_id=session.transfer_id, start=msg["start"],
                        count=len(msg["hashes"]), missing=missing))
+        self._advance_image(session)
+
+    def _advance_image(self, session: UploadSession) -> None:
+        device = session.device_id
+        pieces = session.hashable_pieces(lambda name: self.owners.owns(device, name))
+        if pieces:
+            self.image_pool.submit(("hash", session.transfer_id), _hash_step, session, self.chunks, pieces)
 
     def on_CHUNK(self, msg) -> None:
         session = self._upload(msg["transfer_id"])
@@ -230,10 +242,18 @@ class StorageNode:
             if name is not None and not self.owners.owns(manifest.device_id, name):
                 session.committing = False
                 raise RequestError("the manifest names chunks this device has not stored", "commit_failed")
-        self.pool.submit(("commit", session.transfer_id), self._verify_and_save, manifest)
+        self._advance_image(session)
+        if not session.fully_hashed:  # cannot happen when every chunk is owned; never commit unhashed
+            raise RequestError("image hash incomplete at commit", "commit_failed")
+        self.image_pool.submit(("commit", session.transfer_id), self._finish_image, session, manifest)
 
-    def _verify_and_save(self, manifest):
-        digest = verify_image(self.chunks, manifest)
+    def _finish_image(self, session: UploadSession, manifest):
+        """On the image thread, after every piece: check the blake3, save the manifest."""
+        if session.hash_error is not None:
+            raise session.hash_error
+        digest = session.hasher.digest()
+        if manifest.image_blake3 is not None and digest != manifest.image_blake3:
+            raise RequestError("the chunks do not rebuild an image with the offered blake3", "commit_failed")
         manifest = dataclasses.replace(manifest, image_blake3=digest)
         self.manifests.save(manifest)
         return manifest
@@ -289,6 +309,8 @@ class StorageNode:
 
     def _on_task_done(self, key, result, error) -> None:
         kind, tid = key[0], key[1]
+        if kind == "hash":
+            return  # errors are kept on the session and raised at commit
         if kind == "chunk":
             _, _, name, raw_len, wire_len = key
             session = self.uploads.get(tid)
@@ -300,8 +322,9 @@ class StorageNode:
                 return
             if session is not None:
                 self.owners.add(session.device_id, name)
-                session.stored(name)
+                session.stored(name, result)
                 self._release_in_flight(session.device_id, [name])
+                self._advance_image(session)
             self.send(make("STORED", transfer_id=tid, hash=name, raw_len=raw_len, wire_len=wire_len))
             if session is not None and self.commits_waiting:
                 self._recheck_waiting_commits(session.device_id)
@@ -349,6 +372,14 @@ class StorageNode:
                 session.next_index += 1
             if session.finished:
                 self.reads.pop(tid, None)
+
+
+def _hash_step(session: UploadSession, store, pieces) -> None:
+    if session.hash_error is None:
+        try:
+            hash_pieces(session.hasher, store, pieces)
+        except RequestError as exc:
+            session.hash_error = exc
 
 
 def _exists(path: str) -> bool:

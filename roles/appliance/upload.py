@@ -30,7 +30,7 @@ MAX_HASH_BATCHES_IN_FLIGHT = 4
 
 class Upload:
     def __init__(self, pending: PendingSnapshot, submit, send, hash_image, compress_level: int = 1,
-                 max_held_bytes: int = 96 * 1024 * 1024, clock=time.monotonic):
+                 max_held_bytes: int = 48 * 1024 * 1024, clock=time.monotonic):
         self.pending = pending
         self.chunk_size = pending.dataset.chunk_size
         self.image_size = pending.size

@@ -53,8 +53,8 @@ class ChunkStore:
     def has(self, name: bytes) -> bool:
         return self.path_for(name).exists()
 
-    def put(self, name: bytes, raw_len: int, codec: str, payload) -> bool:
-        """Verify and store durably; True if written, False if already present.
+    def put(self, name: bytes, raw_len: int, codec: str, payload) -> bytes:
+        """Verify and store durably (unless already stored); returns the raw bytes.
 
         Runs on a store thread. Raises RequestError(bad_chunk) when the bytes
         do not match the name: nothing is written then.
@@ -63,12 +63,11 @@ class ChunkStore:
         if blake3.blake3(raw).digest() != name:
             raise RequestError("chunk bytes do not match their blake3 name", "bad_chunk")
         path = self.path_for(name)
-        if path.exists():
-            return False
-        path.parent.mkdir(exist_ok=True)
-        header = HEADER.pack(MAGIC, FORMAT, CODEC_IDS[codec], raw_len)
-        write_durable(path, [header, payload], self._write_hook)
-        return True
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            header = HEADER.pack(MAGIC, FORMAT, CODEC_IDS[codec], raw_len)
+            write_durable(path, [header, payload], self._write_hook)
+        return raw
 
     def read_stored(self, name: bytes) -> tuple[str, int, bytes]:
         """(codec, raw_len, payload) as stored; RequestError(not_found/storage_error)."""

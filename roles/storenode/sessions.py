@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from bus.errors import RequestError
 from roles.storenode.manifests import Manifest, chunk_count_for
 
+MAX_ARRIVED_BYTES = 64 * 1024 * 1024
+
 
 @dataclass
 class UploadSession:
@@ -32,6 +34,13 @@ class UploadSession:
     depends: set = field(default_factory=set)  # names another upload of this device is sending
     committing: bool = False
     last_activity: float = 0.0
+    # The whole-image blake3 is computed while the upload runs: `cursor` is
+    # the next index to feed; chunks received ahead of it wait in `arrived`.
+    cursor: int = 0
+    arrived: dict = field(default_factory=dict)
+    arrived_bytes: int = 0
+    hasher: object = None
+    hash_error: Exception | None = None  # set on the image thread, read there at commit
 
     def __post_init__(self):
         if chunk_count_for(self.image_size, self.chunk_size) != self.chunk_count:
@@ -69,8 +78,40 @@ class UploadSession:
         if raw_len > self.chunk_size:
             raise RequestError(f"chunk of {raw_len} bytes exceeds chunk size {self.chunk_size}", "bad_field")
 
-    def stored(self, name: bytes) -> None:
+    def stored(self, name: bytes, raw: bytes | None = None) -> None:
+        # Kept for the image hash unless too much waits ahead of the cursor;
+        # then it is read back from disk when the cursor gets there.
+        if name in self.awaiting and raw is not None and self.arrived_bytes < MAX_ARRIVED_BYTES:
+            self.arrived[name] = raw
+            self.arrived_bytes += len(raw)
         self.awaiting.discard(name)
+
+    def chunk_len(self, index: int) -> int:
+        return min(self.chunk_size, self.image_size - index * self.chunk_size)
+
+    def hashable_pieces(self, owns) -> list:
+        """Advance the cursor over what can be hashed now, in order:
+        [(index, name, raw or None, length)]; raw None means zeros or disk."""
+        pieces = []
+        while self.cursor < len(self.names):
+            index, name = self.cursor, self.names[self.cursor]
+            length = self.chunk_len(index)
+            if name is None:
+                pieces.append((index, None, None, length))
+            elif name in self.arrived:
+                raw = self.arrived.pop(name)
+                self.arrived_bytes -= len(raw)
+                pieces.append((index, name, raw, length))
+            elif name not in self.awaiting and owns(name):
+                pieces.append((index, name, None, length))
+            else:
+                break
+            self.cursor += 1
+        return pieces
+
+    @property
+    def fully_hashed(self) -> bool:
+        return self.cursor >= self.chunk_count
 
     def unresolved_depends(self, owns) -> set:
         self.depends = {name for name in self.depends if not owns(name)}

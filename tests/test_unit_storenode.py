@@ -1,0 +1,98 @@
+"""Storage logic without sockets: chunk store, manifests, the image cursor."""
+
+import os
+
+import blake3
+import pytest
+import zstandard
+
+from bus.errors import RequestError
+from roles.storenode.chunkstore import ChunkStore
+from roles.storenode.durable import TEMP_SUFFIX, remove_temp_files, write_durable
+from roles.storenode.manifests import ManifestStore
+from roles.storenode.sessions import UploadSession
+from roles.storenode.verify import hash_pieces
+
+CHUNK = 4096
+
+
+def name_of(raw):
+    return blake3.blake3(raw).digest()
+
+
+def test_a_chunk_that_does_not_match_its_name_is_not_stored(tmp_path):
+    store = ChunkStore(tmp_path)
+    raw = os.urandom(1000)
+    with pytest.raises(RequestError) as info:
+        store.put(name_of(b"other"), 1000, "raw", raw)
+    assert info.value.code == "bad_chunk"
+    assert not any(p.is_file() for p in (tmp_path / "chunks").rglob("*"))
+
+
+@pytest.mark.parametrize("payload,raw_len", [(b"\x28\xb5\x2f\xfd garbage", 100), (None, 50)])
+def test_undecodable_or_wrong_length_payload_is_bad_chunk(tmp_path, payload, raw_len):
+    store = ChunkStore(tmp_path)
+    raw = b"a" * 100
+    payload = payload or zstandard.ZstdCompressor().compress(raw)
+    with pytest.raises(RequestError) as info:
+        store.put(name_of(raw), raw_len, "zstd", payload)
+    assert info.value.code == "bad_chunk"
+
+
+def test_stored_chunk_reads_back_verified(tmp_path):
+    store = ChunkStore(tmp_path)
+    raw = b"hello " * 1000
+    packed = zstandard.ZstdCompressor().compress(raw)
+    assert store.put(name_of(raw), len(raw), "zstd", packed) == raw
+    assert store.read_raw(name_of(raw)) == raw
+    assert store.read_stored(name_of(raw))[0] == "zstd"
+
+
+def test_manifest_paths_refuse_traversal(tmp_path):
+    manifests = ManifestStore(tmp_path)
+    for bad in ("../x", "a/b", "", ".."):
+        with pytest.raises(RequestError):
+            manifests.load("dev", bad, "s1")
+    assert not (tmp_path.parent / "x").exists()
+
+
+def test_durable_write_leaves_only_the_final_name(tmp_path):
+    target = tmp_path / "f"
+    write_durable(target, [b"ab", b"cd"])
+    assert target.read_bytes() == b"abcd"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+    (tmp_path / f".g.1234{TEMP_SUFFIX}").write_bytes(b"half")
+    assert remove_temp_files(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_failing_write_hook_leaves_nothing(tmp_path):
+    def disk_full(nbytes):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_durable(tmp_path / "f", [b"x"], disk_full)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_cursor_hashes_in_order_whatever_the_arrival_order(tmp_path):
+    store = ChunkStore(tmp_path)
+    chunks = [os.urandom(CHUNK), bytes(CHUNK), os.urandom(CHUNK), os.urandom(CHUNK), os.urandom(100)]
+    image = b"".join(chunks)
+    names = [None if c == bytes(len(c)) else name_of(c) for c in chunks]
+    owned = {names[3]}  # stored earlier by this device
+    store.put(names[3], CHUNK, "raw", chunks[3])
+    s = UploadSession("t", "dev", "ds", "s1", len(image), CHUNK, len(chunks), hasher=blake3.blake3())
+    missing = s.record_slice(0, names, owned.__contains__)
+    assert missing == [0, 2, 4]
+    fed = []
+    for index in (4, 2, 0):  # arrive in reverse
+        store.put(names[index], len(chunks[index]), "raw", chunks[index])
+        owned.add(names[index])
+        s.stored(names[index], chunks[index])
+        pieces = s.hashable_pieces(owned.__contains__)
+        fed.extend(p[0] for p in pieces)
+        hash_pieces(s.hasher, store, pieces)
+    assert fed == [0, 1, 2, 3, 4]
+    assert s.fully_hashed and not s.arrived
+    assert s.hasher.digest() == blake3.blake3(image).digest()
