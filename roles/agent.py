@@ -54,6 +54,7 @@ class Agent:
         self.serials = itertools.count(1)
         self.progress = Progress()
         self.next_scan = 0.0
+        self.unanswered_since: float | None = now()  # no WELCOME since then
 
     # --- scheduling ---------------------------------------------------------
 
@@ -206,6 +207,15 @@ class Agent:
         self.queue.appendleft(upload.pending)
         self.queued_keys.add(key)
 
+    def give_up(self, reason: str) -> None:
+        for upload in list(self.active.values()):
+            upload.fail(reason)
+            self._finished(upload)
+        for key, result in self.results.items():
+            if result.get("state") != "committed":
+                result["state"], result["reason"] = "failed", reason
+        self.queue.clear()
+
     def on_broker_lost(self) -> None:
         for upload in list(self.active.values()):
             upload.fail("broker connection lost")
@@ -237,6 +247,14 @@ class Agent:
                 if self.link.sock in events:
                     for msg in self.link.receive(t):
                         self.on_message(msg)
+                if self.link.welcomed:
+                    self.unanswered_since = None
+                elif self.unanswered_since is None:
+                    self.unanswered_since = t
+                elif self.once and t - self.unanswered_since > self.config.connect_timeout_ms / 1000:
+                    self.give_up(f"no broker answered at {self.link.endpoint} for "
+                                 f"{self.config.connect_timeout_ms / 1000:.0f}s")
+                    break
                 for pool in (self.image, self.work):
                     if pool.fileno in events:
                         for key, result, error in pool.done():

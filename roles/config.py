@@ -80,6 +80,7 @@ class AgentConfig:
     compress_level: int = _kind("int", 1, min=-5, max=22)
     max_active_transfers: int = _kind("int", 2, min=1)
     scan_interval_ms: int = _kind("int", 2000, min=50)
+    connect_timeout_ms: int = _kind("int", 30000, min=100)
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)

@@ -97,12 +97,14 @@ class ImageWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_s: float = 120.0) -> dict:
+def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_s: float | None = None) -> dict:
     """Run a restore to completion; raises RequestError with a clear reason on failure."""
     ctx = zmq.Context()
     link = BrokerLink(ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
                       config.heartbeat_liveness, now())
     started = time.monotonic()
+    if timeout_s is None:
+        timeout_s = config.connect_timeout_ms / 1000
     try:
         with ImageWriter(out) as writer:
             return _restore_loop(link, writer, dataset, snapshot, out, timeout_s, started)
@@ -120,7 +122,9 @@ def _restore_loop(link, writer, dataset, snapshot, out, timeout_s, started) -> d
     while True:
         t = now()
         if t - last_progress > timeout_s:
-            raise RequestError(f"no progress for {timeout_s:.0f}s", "internal")
+            if not link.welcomed:
+                raise RequestError(f"no broker answered at {link.endpoint} for {timeout_s:.0f}s", "node_unavailable")
+            raise RequestError(f"the restore made no progress for {timeout_s:.0f}s", "internal")
         if not link.tick(t):
             raise RequestError(f"broker {link.endpoint} does not answer", "node_unavailable")
         if link.welcomed and not requested:
