@@ -20,9 +20,13 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speedsync", description="Replicate backup snapshots to a cloud storage pool.")
     sub = p.add_subparsers(dest="command", required=True)
-    for role in ("broker", "storage"):
-        s = sub.add_parser(role, help=f"run the {role}")
-        s.add_argument("--config", required=True)
+    b = sub.add_parser("broker", help="run the cloud controller")
+    b.add_argument("--config", required=True)
+    s = sub.add_parser("storage", help="run a storage worker")
+    s.add_argument("--config", required=True)
+    s.add_argument("--scrub", action="store_true",
+                   help="verify every stored chunk and manifest, quarantine damage, report, exit")
+    s.add_argument("--json", action="store_true", help="with --scrub: print the report as JSON")
     a = sub.add_parser("agent", help="run an appliance agent")
     a.add_argument("--config", required=True)
     a.add_argument("--once", action="store_true", help="replicate what is pending now, then exit")
@@ -63,6 +67,27 @@ def main(argv=None) -> int:
         return EXIT_FAILURE
 
 
+def _scrub(conf, as_json: bool) -> int:
+    from roles.storenode.scrub import scrub
+    report = scrub(conf.data_dir)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(f"scrubbed {conf.node_id}: {report.chunks_checked} chunks, {report.manifests_checked} manifests, "
+              f"{report.problems} problem(s)")
+        for c in report.damaged_chunks:
+            print(f"  damaged chunk {c['chunk']}: {c['reason']} (moved to {c['quarantined_to']})")
+        for m in report.damaged_manifests:
+            print(f"  damaged manifest {m['path']}: {m['reason']}")
+        for a in report.affected_snapshots:
+            print(f"  snapshot {a['device_id']}/{a['dataset']}/{a['snapshot']} lacks {len(a['chunks'])} chunk(s): "
+                  "restore will fail until they are uploaded again")
+    if report.problems:
+        print(f"speedsync storage --scrub: {report.problems} problem(s) found", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def _run(args) -> int:
     if args.command == "broker":
         from roles.broker import run_broker
@@ -73,6 +98,8 @@ def _run(args) -> int:
         from roles.storage import run_storage
         conf = cfg.load(cfg.StorageConfig, args.config)
         setup_logging(conf.log_level, conf.log_json, conf.node_id)
+        if args.scrub:
+            return _scrub(conf, args.json)
         return run_storage(conf)
     if args.command == "agent":
         from roles.agent import run_agent

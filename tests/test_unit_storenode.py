@@ -96,3 +96,25 @@ def test_image_cursor_hashes_in_order_whatever_the_arrival_order(tmp_path):
     assert fed == [0, 1, 2, 3, 4]
     assert s.fully_hashed and not s.arrived
     assert s.hasher.digest() == blake3.blake3(image).digest()
+
+
+def test_scrub_quarantines_damage_and_names_the_snapshot(tmp_path):
+    from roles.storenode.manifests import Manifest
+    from roles.storenode.scrub import scrub
+
+    store, manifests = ChunkStore(tmp_path), ManifestStore(tmp_path)
+    chunks = [os.urandom(CHUNK) for _ in range(3)]
+    names = [store.put(name_of(c), CHUNK, "raw", c) and name_of(c) for c in chunks]
+    manifests.save(Manifest("dev", "ds", "s1", 3 * CHUNK, CHUNK, name_of(b"".join(chunks)), tuple(names)))
+    assert scrub(tmp_path).problems == 0
+    victim = store.path_for(names[1])
+    blob = bytearray(victim.read_bytes())
+    blob[100] ^= 1
+    victim.write_bytes(bytes(blob))
+    report = scrub(tmp_path)
+    assert [c["chunk"] for c in report.damaged_chunks] == [names[1].hex()]
+    assert report.affected_snapshots == [{"device_id": "dev", "dataset": "ds", "snapshot": "s1",
+                                          "chunks": [names[1].hex()]}]
+    assert not store.has(names[1]) and (tmp_path / "quarantine" / names[1].hex()).exists()
+    store.put(names[1], CHUNK, "raw", chunks[1])  # a later upload heals it
+    assert scrub(tmp_path).problems == 0
