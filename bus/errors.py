@@ -33,6 +33,7 @@ CODES = {
     "storage_error": "the storage node failed to store or read",
     "commit_failed": "the manifest could not be committed",
     "conflict": "the snapshot exists with different content",
+    "stalled": "the transfer made no acknowledged progress for too long",
     "internal": "an unexpected failure on the answering side",
 }
 

@@ -27,8 +27,13 @@ from roles.appliance.scanner import scan
 from roles.appliance.upload import Upload
 from roles.config import AgentConfig
 from roles.process import MAX_POLL_MS, StopFlag, now
+from schemas import make
 
 MAX_ATTEMPTS_ONCE = 4
+PARK_RETRY_S = 2.0
+# Refusals that say "not now" rather than "never": the upload is parked and
+# offered again without counting as a failed attempt.
+PARKING_CODES = {"node_unavailable", "no_storage", "stalled"}
 
 
 class Agent:
@@ -51,6 +56,7 @@ class Agent:
         self.attempts: dict[tuple, int] = {}
         self.carry: dict[tuple, dict] = {}  # counters of failed attempts, added to the summary
         self.retry_at: dict[tuple, float] = {}
+        self.parked_since: dict[tuple, float] = {}
         self.serials = itertools.count(1)
         self.progress = Progress()
         self.next_scan = 0.0
@@ -116,7 +122,9 @@ class Agent:
         if msg.t in ("WELCOME", "HEARTBEAT"):
             return
         if msg.t == "ERROR" and msg["code"] == "not_registered":
-            self.link.connect(now())
+            # the broker restarted and forgot us: our transfers are gone with it
+            self.on_broker_lost()
+            self.link.hello(now())
             return
         upload = None
         if msg.get("transfer_id") is not None:
@@ -146,6 +154,8 @@ class Agent:
             upload.on_stored(msg["hash"], msg["raw_len"])
         elif msg.t == "COMMITTED":
             upload.on_committed(msg["image_blake3"])
+        elif msg.t == "ERROR" and msg["code"] in PARKING_CODES:
+            upload.park(f"{msg['code']}: {msg['reason']}")
         elif msg.t == "ERROR":
             upload.fail(f"{msg['code']}: {msg['reason']}")
         if upload.finished:
@@ -171,7 +181,6 @@ class Agent:
     def _fail(self, upload: Upload, reason: str) -> None:
         upload.fail(reason)
         if upload.transfer_id is not None:
-            from schemas import make
             self._send(make("ABORT", transfer_id=upload.transfer_id))
         self._finished(upload)
 
@@ -193,10 +202,24 @@ class Agent:
         if upload.state == "committed":
             self.journal.record_committed(key[0], key[1], upload.image_blake3, upload.image_size)
             self.carry.pop(key, None)
+            self.parked_since.pop(key, None)
             logger.info("committed {}/{}: {} chunks sent, {} bytes on the wire", key[0], key[1],
                         summary["chunks_sent"], summary["bytes_sent"])
             return
         self.carry[key] = {f: summary[f] for f in ("chunks_sent", "bytes_read", "bytes_sent", "seconds")}
+        if upload.state == "parked":
+            self.attempts[key] = self.attempts.get(key, 1) - 1  # not the snapshot's fault
+            since = self.parked_since.setdefault(key, now())
+            if self.once and now() - since > self.config.park_timeout_ms / 1000:
+                summary["state"] = "failed"
+                logger.error("{}/{} parked for {:.0f}s, giving up: {}", key[0], key[1], now() - since, upload.reason)
+                return
+            logger.warning("{}/{} parked ({}); offering again in {:.0f}s", key[0], key[1], upload.reason,
+                           PARK_RETRY_S)
+            self.retry_at[key] = now() + PARK_RETRY_S
+            self.queue.appendleft(upload.pending)
+            self.queued_keys.add(key)
+            return
         attempts = self.attempts.get(key, 0)
         if self.once and attempts >= MAX_ATTEMPTS_ONCE:
             logger.error("{}/{} failed after {} attempts: {}", key[0], key[1], attempts, upload.reason)
@@ -217,20 +240,13 @@ class Agent:
         self.queue.clear()
 
     def on_broker_lost(self) -> None:
+        # Not the snapshots' fault: park them; they are offered again once a
+        # broker welcomes us, and only what the cloud lacks travels again.
         for upload in list(self.active.values()):
-            upload.fail("broker connection lost")
+            upload.park("broker connection lost")
             self._finished(upload)
-        # a lost connection is not the snapshot's fault: do not count the attempt
-        for key in list(self.retry_at):
-            self.retry_at[key] = 0
-            self.attempts[key] = max(0, self.attempts.get(key, 1) - 1)
 
     # --- loop -------------------------------------------------------------------
-
-    def all_done(self) -> bool:
-        if self.active or any(self.retry_at.get(p.key, 0) >= 0 for p in self.queue):
-            return False
-        return True
 
     def run(self, stop: StopFlag) -> int:
         poller = zmq.Poller()

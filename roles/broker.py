@@ -45,6 +45,8 @@ class Broker:
         self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness)
         self.transfers: dict[str, Transfer] = {}
         self.finished: deque = deque(maxlen=config.finished_transfers_kept)
+        # (device, dataset, snapshot) -> transfer waiting for its storage node
+        self.parked: dict[tuple, Transfer] = {}
         self.pending_placement: dict[tuple, str] = {}  # (device, dataset) -> node of uploads in progress
         self.errors_by_code: Counter = Counter()
         self.dropped_invalid = 0
@@ -75,6 +77,7 @@ class Broker:
                     self._drain(self.status_sock, self._on_status_frames)
                 self.send_heartbeats()
                 self.purge_dead()
+                self.watch_stalls()
         finally:
             self.catalog.close()
             for sock in (self.frontend, self.backend, self.status_sock):
@@ -144,6 +147,7 @@ class Broker:
             raise RequestError("chunk_count does not match image_size and chunk_size", "bad_field")
         existing = self.catalog.lookup(device, dataset, snapshot)
         if existing is not None:  # snapshots are immutable once named (DESIGN.md)
+            self.unpark((device, dataset, snapshot))
             self.front_out.send(make("ACCEPT", req=msg["req"], transfer_id="committed", node_id=existing["node_id"],
                                      committed=True), session.routing)
             return
@@ -152,12 +156,18 @@ class Broker:
             if t is not None and (t.dataset, t.snapshot) == (dataset, snapshot):
                 self.finish(t, "aborted", "offered again")
         placed = self.catalog.node_for(device, dataset) or self.pending_placement.get((device, dataset))
-        node_id = choose_node(placed, self.registry.nodes_by_id, self.datasets_on)
+        try:
+            node_id = choose_node(placed, self.registry.nodes_by_id, self.datasets_on)
+        except RequestError as exc:
+            self.park(device, dataset, snapshot, placed or "", session.routing, msg["req"], msg["image_size"],
+                      f"{exc.code}: {exc.reason}")
+            raise
+        self.unpark((device, dataset, snapshot))
         node = self.registry.nodes_by_id[node_id]
         window = max(self.config.transfer_window, 2 * msg["chunk_size"] + 65536)
         t = Transfer(f"t-{uuid.uuid4().hex[:16]}", "upload", device, dataset, snapshot, node_id, session.routing,
                      msg["req"], image_size=msg["image_size"], chunk_size=msg["chunk_size"],
-                     chunk_count=msg["chunk_count"], window=window, started_at=now())
+                     chunk_count=msg["chunk_count"], window=window, started_at=now(), last_progress=now())
         self.add_transfer(t, session, node)
         node.reserved_bytes += t.image_size
         self.pending_placement[(device, dataset)] = node_id
@@ -272,18 +282,21 @@ class Broker:
 
     def node_OPENED(self, node, msg, frames) -> None:
         t = self._placed(node, msg)
+        t.last_progress = now()
         t.state = "active"
         self.front_out.send(make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=t.node_id,
                                  committed=False), t.agent_routing)
 
     def node_MISSING(self, node, msg, frames) -> None:
         t = self._placed(node, msg)
+        t.last_progress = now()
         t.on_missing(msg["start"], msg["count"], msg["missing"])
         self._to_agent(t, frames, msg.t)
         self.grant_credit(node, t)
 
     def node_STORED(self, node, msg, frames) -> None:
         t = self._placed(node, msg)
+        t.last_progress = now()
         node.credit.release(t.on_chunk_done(msg["hash"], stored=True))
         self._to_agent(t, frames, msg.t)
         self.grant_credit_all(node)
@@ -369,12 +382,15 @@ class Broker:
         if t.finished:
             return
         node = self.registry.nodes_by_id.get(t.node_id)
-        if state == "aborted" and node is not None:
+        if state in ("aborted", "parked") and node is not None:
             self.back_out.send(make("ABORT", transfer_id=t.transfer_id), node.routing)
         released = t.release_all()
         t.state, t.reason, t.finished_at = state, reason, now()
         self.transfers.pop(t.transfer_id, None)
-        self.finished.append(t)
+        if state == "parked":
+            self.parked[(t.device_id, t.dataset, t.snapshot)] = t
+        else:
+            self.finished.append(t)
         agent = self.registry.agents.get(t.agent_routing)
         if agent is not None:
             agent.transfers.discard(t.transfer_id)
@@ -388,7 +404,7 @@ class Broker:
                 o.kind == "upload" and (o.device_id, o.dataset) == (t.device_id, t.dataset)
                 for o in self.transfers.values()):
             self.pending_placement.pop((t.device_id, t.dataset), None)
-        if state in ("failed", "aborted"):
+        if state in ("failed", "aborted", "parked"):
             logger.warning("transfer {} {}/{}/{} {}: {}", t.transfer_id, t.device_id, t.dataset, t.snapshot,
                            state, reason)
 
@@ -401,16 +417,49 @@ class Broker:
         logger.info("agent {} gone: {}", session.device_id, reason)
 
     def node_lost(self, node, reason: str) -> None:
+        """Park every transfer on a node that went away; the agents offer them
+        again and they resume (only missing chunks travel) once it is back."""
         for tid in list(node.transfers):
             t = self.transfers.get(tid)
             if t is None:
                 continue
-            self.count_error("node_unavailable")
-            self.front_out.send(error_message(RequestError(f"node {node.node_id}: {reason}", "node_unavailable"),
-                                              ref="OFFER", transfer_id=t.transfer_id), t.agent_routing)
-            self.finish(t, "failed", reason)
+            self.interrupt(t, RequestError(f"node {node.node_id}: {reason}", "node_unavailable"))
         node.transfers.clear()
         logger.warning("storage node {} lost: {}", node.node_id, reason)
+
+    def interrupt(self, t: Transfer, exc: RequestError) -> None:
+        """Tell the agent, and park an upload (or fail a restore)."""
+        self.count_error(exc.code)
+        self.front_out.send(error_message(exc, ref="OFFER" if t.kind == "upload" else "RESTORE",
+                                          transfer_id=t.transfer_id, req=t.req), t.agent_routing)
+        if t.kind == "upload":
+            self.finish(t, "parked", f"{exc.code}: {exc.reason}")
+        else:
+            self.finish(t, "failed", f"{exc.code}: {exc.reason}")
+
+    def park(self, device, dataset, snapshot, node_id, routing, req, image_size, reason) -> None:
+        key = (device, dataset, snapshot)
+        t = self.parked.get(key)
+        if t is None:
+            t = Transfer(f"p-{uuid.uuid4().hex[:16]}", "upload", device, dataset, snapshot, node_id, routing, req,
+                         image_size=image_size, started_at=now())
+            self.parked[key] = t
+        t.state, t.reason = "parked", reason
+
+    def unpark(self, key: tuple) -> None:
+        t = self.parked.pop(key, None)
+        if t is not None:
+            t.state, t.finished_at = "resumed", now()
+            self.finished.append(t)
+
+    def watch_stalls(self) -> None:
+        """The watchdog: an upload with no acknowledged progress is parked, and
+        the agent offers it again (silent hangs are how replication dies)."""
+        limit = self.config.stall_timeout_ms / 1000
+        t_now = now()
+        for t in [t for t in self.transfers.values()
+                  if t.kind == "upload" and t.state in ("opening", "active") and t_now - t.last_progress > limit]:
+            self.interrupt(t, RequestError(f"no acknowledged progress for {limit:.0f}s", "stalled"))
 
     def send_heartbeats(self) -> None:
         t = now()
@@ -450,7 +499,8 @@ class Broker:
             devices[device_id] = {"device_id": device_id, "connected": connected}
         storage = [n.status() for n in self.registry.nodes_by_id.values()]
         storage += [n.status() for n in self.registry.lost_nodes.values()]
-        transfers = [t.status() for t in self.transfers.values()] + [t.status() for t in self.finished]
+        transfers = ([t.status() for t in self.transfers.values()] + [t.status() for t in self.parked.values()]
+                     + [t.status() for t in self.finished])
         dropped = (self.front_out.dropped_total + self.back_out.dropped_total + self.status_out.dropped_total
                    + self.dropped_invalid)
         return {

@@ -42,6 +42,7 @@ class BrokerConfig:
     heartbeat_liveness: int = _kind("int", 3, min=1)
     transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024)
     finished_transfers_kept: int = _kind("int", 200, min=0)
+    stall_timeout_ms: int = _kind("int", 60000, min=100)
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 
@@ -81,6 +82,7 @@ class AgentConfig:
     max_active_transfers: int = _kind("int", 2, min=1)
     scan_interval_ms: int = _kind("int", 2000, min=50)
     connect_timeout_ms: int = _kind("int", 30000, min=100)
+    park_timeout_ms: int = _kind("int", 600000, min=100)
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)

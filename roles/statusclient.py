@@ -63,7 +63,8 @@ def render_status(status: dict) -> str:
         "",
         "transfers:",
         _table(["transfer", "device", "dataset", "snapshot", "node", "state", "done/total", "sent"],
-               [[t["transfer_id"], t["device_id"], t["dataset"], t["snapshot"], t["node_id"], t["state"],
+               [[t["transfer_id"], t["device_id"], t["dataset"], t["snapshot"], t["node_id"],
+                 t["state"] + (f" ({t['reason']})" if t.get("reason") else ""),
                  f"{format_bytes(t['bytes_done'])}/{format_bytes(t['bytes_total'])}", format_bytes(t["bytes_sent"])]
                 for t in status["transfers"]]),
     ]

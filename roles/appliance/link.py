@@ -38,6 +38,10 @@ class BrokerLink:
         self.sock = make_dealer(self.ctx, self.endpoint)
         self.outbox = Outbox(self.sock, encode)
         self.liveness = Liveness(self.interval_s, self.liveness_count, now)
+        self.hello(now)
+
+    def hello(self, now: float) -> None:
+        """(Re-)register on the current connection."""
         self.welcomed = False
         self.send(make("HELLO", device_id=self.device_id, software=SOFTWARE), now)
 

@@ -201,6 +201,11 @@ class Upload:
         self.reason = reason
         self._finish("failed")
 
+    def park(self, reason: str) -> None:
+        """The cloud cannot take it now (no node for it); offer again later."""
+        self.reason = reason
+        self._finish("parked")
+
     def _finish(self, state: str) -> None:
         self.state = state
         self.finished_at = self._clock()
@@ -210,7 +215,7 @@ class Upload:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("committed", "failed")
+        return self.state in ("committed", "failed", "parked")
 
     @property
     def idle_work(self) -> bool:

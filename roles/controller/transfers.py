@@ -33,7 +33,7 @@ NODE_ALLOWED = {
     "committing": {"STORED", "COMMITTED", "ERROR"},
     "restoring": {"IMAGE", "BLOCK", "ERROR"},
 }
-FINAL_STATES = {"committed", "failed", "aborted", "restored"}
+FINAL_STATES = {"committed", "failed", "aborted", "restored", "parked", "resumed"}
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Transfer:
     in_flight: dict = field(default_factory=dict)  # chunk name -> (wire_len, raw_len)
     in_flight_bytes: int = 0
     started_at: float = 0.0
+    last_progress: float = 0.0
     finished_at: float | None = None
 
     # --- the state table ---------------------------------------------------
