@@ -17,15 +17,12 @@ import zmq
 DEFAULT_HWM = 10_000
 
 
-def configure_curve_server(sock: zmq.Socket, secret_key: bytes | None, public_key: bytes | None) -> None:
-    if secret_key is not None:
-        sock.curve_secretkey = secret_key
-        sock.curve_publickey = public_key
-        sock.curve_server = True
-
-
-def make_router(ctx: zmq.Context, bind: str, *, mandatory: bool = True, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+def make_router(ctx: zmq.Context, bind: str, *, mandatory: bool = True, hwm: int = DEFAULT_HWM,
+                secure=None) -> zmq.Socket:
+    """`secure(sock)` applies CURVE (bus.security) before the bind."""
     sock = ctx.socket(zmq.ROUTER)
+    if secure is not None:
+        secure(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -35,8 +32,10 @@ def make_router(ctx: zmq.Context, bind: str, *, mandatory: bool = True, hwm: int
     return sock
 
 
-def make_dealer(ctx: zmq.Context, connect: str, *, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+def make_dealer(ctx: zmq.Context, connect: str, *, hwm: int = DEFAULT_HWM, secure=None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
+    if secure is not None:
+        secure(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)

@@ -26,7 +26,7 @@ from roles.appliance.progress import Progress
 from roles.appliance.scanner import scan
 from roles.appliance.upload import Upload
 from roles.config import AgentConfig
-from roles.process import MAX_POLL_MS, StopFlag, now
+from roles.process import MAX_POLL_MS, StopFlag, client_security, now
 from schemas import make
 
 MAX_ATTEMPTS_ONCE = 4
@@ -45,7 +45,7 @@ class Agent:
         self.image = TaskPool(1, name="image")
         self.ctx = zmq.Context()
         self.link = BrokerLink(self.ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
-                               config.heartbeat_liveness, now())
+                               config.heartbeat_liveness, now(), secure=client_security(config))
         self.queue: deque = deque()  # PendingSnapshot, most urgent first
         self.queued_keys: set = set()
         self.active: dict[int, Upload] = {}  # by serial

@@ -15,6 +15,7 @@ from collections import Counter, deque
 import zmq
 from loguru import logger
 
+from bus import security
 from bus.errors import RemoteProtocolError, RequestError
 from bus.sockets import Outbox, make_router, recv_frames
 from roles.config import BrokerConfig
@@ -51,9 +52,19 @@ class Broker:
         self.errors_by_code: Counter = Counter()
         self.dropped_invalid = 0
         self.ctx = zmq.Context()
-        self.frontend = make_router(self.ctx, config.frontend_bind)
-        self.backend = make_router(self.ctx, config.backend_bind)
-        self.status_sock = make_router(self.ctx, config.status_bind)
+        self.auth = None
+        secure = {"devices": None, "nodes": None, "operators": None}
+        if config.insecure:
+            logger.warning("insecure: true: plain TCP, peers are not authenticated and ids are taken on trust")
+        else:
+            ours = security.load_keypair(config.key_file)
+            self.auth = security.Authenticator(self.ctx, {"devices": config.authorized_keys,
+                                                          "nodes": config.node_keys,
+                                                          "operators": config.operator_keys})
+            secure = {domain: (lambda sock, d=domain: security.make_server(sock, ours, d)) for domain in secure}
+        self.frontend = make_router(self.ctx, config.frontend_bind, secure=secure["devices"])
+        self.backend = make_router(self.ctx, config.backend_bind, secure=secure["nodes"])
+        self.status_sock = make_router(self.ctx, config.status_bind, secure=secure["operators"])
         self.front_out = Outbox(self.frontend, encode)
         self.back_out = Outbox(self.backend, encode)
         self.status_out = Outbox(self.status_sock, encode)
@@ -82,6 +93,8 @@ class Broker:
             self.catalog.close()
             for sock in (self.frontend, self.backend, self.status_sock):
                 sock.close(linger=0)
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.term()
 
     def _drain(self, sock, handler) -> None:
@@ -115,7 +128,7 @@ class Broker:
             session.liveness.heard(now())
         try:
             if msg.t == "HELLO":
-                self.on_hello(routing, msg)
+                self.on_hello(routing, msg, security.peer_identity(frames[0]))
                 return
             if session is None:
                 raise RequestError("say HELLO first", "not_registered")
@@ -127,7 +140,11 @@ class Broker:
             self.reply_error(self.front_out, routing, exc, ref=msg.t, transfer_id=msg.get("transfer_id"),
                              req=msg.get("req"))
 
-    def on_hello(self, routing: bytes, msg) -> None:
+    def on_hello(self, routing: bytes, msg, key_name: str | None) -> None:
+        # Under CURVE the device is the one its key names; a claim to be
+        # another device is refused, never believed.
+        if not self.config.insecure and msg["device_id"] != key_name:
+            raise RequestError("device_id does not match the key this connection authenticated with", "forbidden")
         old = self.registry.agents.get(routing)
         if old is not None and old.device_id != msg["device_id"]:
             raise RequestError("a connection speaks for one device only", "forbidden")
@@ -246,7 +263,7 @@ class Broker:
             node.liveness.heard(now())
         try:
             if msg.t == "READY":
-                self.on_ready(routing, msg)
+                self.on_ready(routing, msg, security.peer_identity(frames[0]))
                 return
             if node is None:
                 raise RequestError("say READY first", "not_registered")
@@ -257,7 +274,9 @@ class Broker:
         except RequestError as exc:
             self.reply_error(self.back_out, routing, exc, ref=msg.t, transfer_id=msg.get("transfer_id"))
 
-    def on_ready(self, routing: bytes, msg) -> None:
+    def on_ready(self, routing: bytes, msg, key_name: str | None) -> None:
+        if not self.config.insecure and msg["node_id"] != key_name:
+            raise RequestError("node_id does not match the key this connection authenticated with", "forbidden")
         node, replaced = self.registry.register_node(routing, msg["node_id"], msg["window"], msg["free_bytes"],
                                                      msg["used_bytes"], now())
         if replaced is not None and replaced.routing != routing:

@@ -11,6 +11,7 @@ import json
 import sys
 
 from bus.errors import SpeedSyncError
+from bus.security import KeyFileError
 from roles import config as cfg
 from roles.logs import setup_logging
 
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--broker", required=True, help="the broker's status endpoint, e.g. tcp://127.0.0.1:5552")
         s.add_argument("--json", action="store_true")
         s.add_argument("--timeout-ms", type=int, default=5000)
+        s.add_argument("--key-file", help="the operator's key pair (NAME.key_secret), when the broker uses CURVE")
+        s.add_argument("--broker-key", help="the broker's public key (broker.key), when the broker uses CURVE")
         if name == "list":
             s.add_argument("--device")
     r = sub.add_parser("restore", help="rebuild an image from the cloud, verified")
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--snapshot", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--json", action="store_true")
+    k = sub.add_parser("keygen", help="write a CurveZMQ key pair NAME.key and NAME.key_secret")
+    k.add_argument("--out", required=True, help="directory to write into")
+    k.add_argument("--name", required=True, help="device_id, node_id, 'broker' or an operator's name")
     d = sub.add_parser("demo", help="run an embedded local cluster that replicates, restores and verifies")
     d.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
     d.add_argument("--size", default="64MiB", help="size of each generated full image")
@@ -56,6 +62,9 @@ def main(argv=None) -> int:
         return _run(args)
     except cfg.ConfigError as exc:
         print(f"speedsync: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyFileError as exc:
+        print(f"speedsync {args.command}: key error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except SpeedSyncError as exc:
         print(f"speedsync {args.command}: {exc.code}: {exc}", file=sys.stderr)
@@ -111,11 +120,17 @@ def _run(args) -> int:
         return run_agent(conf, once=args.once, as_json=args.json)
     if args.command in ("status", "list"):
         from roles import statusclient
+        keys = None
+        if args.key_file or args.broker_key:
+            if not (args.key_file and args.broker_key):
+                print("speedsync: --key-file and --broker-key go together", file=sys.stderr)
+                return EXIT_USAGE
+            keys = statusclient.OperatorKeys(args.key_file, args.broker_key)
         if args.command == "status":
-            doc = statusclient.fetch_status(args.broker, args.timeout_ms)
+            doc = statusclient.fetch_status(args.broker, args.timeout_ms, keys)
             print(json.dumps(doc) if args.json else statusclient.render_status(doc))
         else:
-            doc = statusclient.fetch_list(args.broker, args.device, args.timeout_ms)
+            doc = statusclient.fetch_list(args.broker, args.device, args.timeout_ms, keys)
             print(json.dumps(doc) if args.json else statusclient.render_list(doc))
         return EXIT_OK
     if args.command == "restore":
@@ -128,6 +143,15 @@ def _run(args) -> int:
         else:
             print(f"restored {args.dataset}/{args.snapshot} to {args.out}: {result['bytes']} bytes, "
                   f"blake3 {result['blake3']} verified")
+        return EXIT_OK
+    if args.command == "keygen":
+        from bus.security import create_keypair
+        from schemas import is_valid_id
+        if not is_valid_id(args.name):
+            print(f"speedsync keygen: {args.name!r} is not a valid id", file=sys.stderr)
+            return EXIT_USAGE
+        public, secret = create_keypair(args.out, args.name)
+        print(f"wrote {public} (public: give it to the broker) and {secret} (secret: keep it here)")
         return EXIT_OK
     if args.command == "demo":
         from roles.demo import run_demo

@@ -37,7 +37,11 @@ class BrokerConfig:
     backend_bind: str = _kind("endpoint", "tcp://*:5551")
     status_bind: str = _kind("endpoint", "tcp://*:5552")
     data_dir: str = _kind("path", "./var/broker")
-    insecure: bool = _kind("bool", True)
+    insecure: bool = _kind("bool", False)
+    key_file: str = _kind("path", "")
+    authorized_keys: str = _kind("path", "")
+    node_keys: str = _kind("path", "")
+    operator_keys: str = _kind("path", "")
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
     transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024)
@@ -52,7 +56,9 @@ class StorageConfig:
     node_id: str = _kind("id", "node-a")
     broker: str = _kind("endpoint", "tcp://127.0.0.1:5551")
     data_dir: str = _kind("path", "./var/node-a")
-    insecure: bool = _kind("bool", True)
+    insecure: bool = _kind("bool", False)
+    key_file: str = _kind("path", "")
+    broker_key: str = _kind("path", "")
     window: int = _kind("size", 32 * 1024 * 1024, min=64 * 1024)
     store_threads: int = _kind("int", 8, min=1)
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
@@ -76,7 +82,9 @@ class AgentConfig:
     brokers: tuple = _kind("endpoints", ("tcp://127.0.0.1:5550",))
     state_dir: str = _kind("path", "./var/office-1")
     datasets: tuple = _kind("datasets", ())
-    insecure: bool = _kind("bool", True)
+    insecure: bool = _kind("bool", False)
+    key_file: str = _kind("path", "")
+    broker_key: str = _kind("path", "")
     threads: int = _kind("int", 2, min=1)
     compress_level: int = _kind("int", 1, min=-5, max=22)
     max_active_transfers: int = _kind("int", 2, min=1)
@@ -125,8 +133,10 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
                 raise ValueError("expected a non-empty list of endpoints")
             parsed = tuple(_endpoint(v) for v in value)
         elif kind == "path":
-            if not isinstance(value, str) or not value:
+            if not isinstance(value, str):
                 raise ValueError(f"expected a path, got {value!r}")
+            if not value:
+                return ""
             parsed = str((base_dir / value).resolve()) if not os.path.isabs(value) else value
         else:  # pragma: no cover - declaration error
             raise ValueError(f"undeclared kind {kind}")
@@ -181,6 +191,26 @@ def _datasets(value, path: Path, base_dir: Path) -> tuple:
     return tuple(out)
 
 
+# Keys each role needs unless `insecure: true`, and whether each is a file or a directory.
+SECURITY_KEYS = {
+    "BrokerConfig": {"key_file": "file", "authorized_keys": "dir", "node_keys": "dir", "operator_keys": "dir"},
+    "StorageConfig": {"key_file": "file", "broker_key": "file"},
+    "AgentConfig": {"key_file": "file", "broker_key": "file"},
+}
+
+
+def _check_security(conf, path: Path) -> None:
+    if conf.insecure:
+        return
+    for key, kind in SECURITY_KEYS[type(conf).__name__].items():
+        value = getattr(conf, key)
+        if not value:
+            raise _fail(path, key, "required with CURVE on (or set insecure: true for plain TCP)")
+        exists = os.path.isdir(value) if kind == "dir" else os.path.isfile(value)
+        if not exists:
+            raise _fail(path, key, f"{value} is not an existing {'directory' if kind == 'dir' else 'file'}")
+
+
 def load(cls, file: str | os.PathLike):
     """Load one role's YAML strictly. Relative paths are relative to the file."""
     path = Path(file)
@@ -192,4 +222,6 @@ def load(cls, file: str | os.PathLike):
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return _build(cls, raw or {}, path, path.parent.resolve())
+    conf = _build(cls, raw or {}, path, path.parent.resolve())
+    _check_security(conf, path)
+    return conf

@@ -20,6 +20,7 @@ import yaml
 
 from bench.imagegen import file_blake3, generate_image, mutate_chunks
 from bench.processes import ProcessGroup, free_ports, wait_for
+from bus.security import create_keypair
 from roles import statusclient
 from roles.units import format_bytes, parse_size
 
@@ -61,22 +62,45 @@ def _generate(work: Path, size: int) -> dict:
     return originals
 
 
+NODES = ("node-a", "node-b")
+OPERATOR = "operator"
+
+
+def _keys(work: Path) -> Path:
+    """A CurveZMQ key pair per role (as `speedsync keygen` writes them), and the
+    broker's directories of the public keys it admits."""
+    keys = work / "keys"
+    for name in ("broker", *NODES, *APPLIANCES, OPERATOR):
+        create_keypair(keys, name)
+    for sub, names in (("devices", APPLIANCES), ("nodes", NODES), ("operators", (OPERATOR,))):
+        (keys / sub).mkdir()
+        for name in names:
+            shutil.copy(keys / f"{name}.key", keys / sub / f"{name}.key")
+    return keys
+
+
 def _configs(work: Path) -> tuple[dict, dict]:
     front, back, status = free_ports(3)
     endpoints = {"front": f"tcp://127.0.0.1:{front}", "back": f"tcp://127.0.0.1:{back}",
                  "status": f"tcp://127.0.0.1:{status}"}
     files = {"broker": _write_yaml(work / "broker.yaml", {
         "frontend_bind": endpoints["front"], "backend_bind": endpoints["back"],
-        "status_bind": endpoints["status"], "data_dir": "./var/broker", "heartbeat_interval_ms": 500})}
-    for node in ("node-a", "node-b"):
+        "status_bind": endpoints["status"], "data_dir": "./var/broker", "heartbeat_interval_ms": 500,
+        "key_file": "./keys/broker.key_secret", "authorized_keys": "./keys/devices", "node_keys": "./keys/nodes",
+        "operator_keys": "./keys/operators"})}
+    for node in NODES:
         files[node] = _write_yaml(work / f"{node}.yaml", {
             "node_id": node, "broker": endpoints["back"], "data_dir": f"./var/{node}",
-            "heartbeat_interval_ms": 500})
+            "heartbeat_interval_ms": 500, "key_file": f"./keys/{node}.key_secret",
+            "broker_key": "./keys/broker.key"})
     for device, datasets in APPLIANCES.items():
         files[device] = _write_yaml(work / f"{device}.yaml", {
             "device_id": device, "brokers": [endpoints["front"]], "state_dir": f"./var/{device}",
-            "heartbeat_interval_ms": 500,
+            "heartbeat_interval_ms": 500, "key_file": f"./keys/{device}.key_secret",
+            "broker_key": "./keys/broker.key",
             "datasets": [{"name": n, "path": f"./snapshots/{device}/{n}", "priority": p} for n, p, _ in datasets]})
+    endpoints["keys"] = statusclient.OperatorKeys(str(work / "keys" / f"{OPERATOR}.key_secret"),
+                                                  str(work / "keys" / "broker.key"))
     return endpoints, files
 
 
@@ -106,9 +130,11 @@ def run_demo(workdir: str | None, size_text: str) -> int:
         _say(f"SpeedSync demo in {work}")
         _say("generating sample snapshots (two appliances, three datasets, a full image then incrementals)...")
         originals = _generate(work, size)
+        _keys(work)
         endpoints, files = _configs(work)
+        _say("CurveZMQ keys made for the broker, two storage workers, two appliances and an operator")
         procs.start("broker", speedsync + ["broker", "--config", str(files["broker"])], cwd=work)
-        for node in ("node-a", "node-b"):
+        for node in NODES:
             procs.start(node, speedsync + ["storage", "--config", str(files[node])], cwd=work)
         wait_for(lambda: sum(n["alive"] for n in _status(endpoints)["storage"]) == 2, 20,
                  "two storage workers registered")
@@ -127,7 +153,7 @@ def run_demo(workdir: str | None, size_text: str) -> int:
             _say(f"FAILED: agents {failed} did not commit everything (logs in {work})")
             return 1
         _say(f"replicated {len(originals)} snapshots in {time.monotonic() - started:.1f}s")
-        catalog = statusclient.fetch_list(endpoints["status"])
+        catalog = statusclient.fetch_list(endpoints["status"], keys=endpoints["keys"])
         _say(statusclient.render_list(catalog))
         _say("restoring every snapshot from the cloud and comparing blake3...")
         bad = 0
@@ -154,6 +180,6 @@ def run_demo(workdir: str | None, size_text: str) -> int:
 
 def _status(endpoints: dict) -> dict:
     try:
-        return statusclient.fetch_status(endpoints["status"], timeout_ms=2000)
+        return statusclient.fetch_status(endpoints["status"], timeout_ms=2000, keys=endpoints["keys"])
     except Exception:
         return {"storage": [], "transfers": [], "agents": []}

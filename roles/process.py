@@ -5,6 +5,10 @@ from __future__ import annotations
 import signal
 import time
 
+from loguru import logger
+
+from bus import security
+
 
 class StopFlag:
     """Set by SIGTERM/SIGINT; the poll loop checks it between polls."""
@@ -33,3 +37,13 @@ def now() -> float:
 
 # The longest a poll may block, so that signals and deadlines are seen promptly.
 MAX_POLL_MS = 200
+
+
+def client_security(config):
+    """The CURVE set-up for a DEALER of an agent or storage node (None if insecure)."""
+    if config.insecure:
+        logger.warning("insecure: true: plain TCP, the broker is not authenticated")
+        return None
+    ours = security.load_keypair(config.key_file)
+    broker_public = security.load_public(config.broker_key)
+    return lambda sock: security.make_client(sock, ours, broker_public)

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import zmq
 
+from bus import security
 from bus.errors import RemoteProtocolError, RequestError
 from schemas import decode, encode, make
 from roles.units import format_bytes
 
 
-def ask(endpoint: str, message, timeout_ms: int = 5000):
+@dataclass(frozen=True)
+class OperatorKeys:
+    """An operator's key pair and the broker's public key, for a CURVE status socket."""
+    key_file: str
+    broker_key: str
+
+
+def ask(endpoint: str, message, timeout_ms: int = 5000, keys: OperatorKeys | None = None):
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if keys is not None:
+            security.make_client(sock, security.load_keypair(keys.key_file), security.load_public(keys.broker_key))
         sock.connect(endpoint)
         sock.send_multipart(encode(message))
         if not sock.poll(timeout_ms):
-            raise RequestError(f"no answer from {endpoint} within {timeout_ms} ms", "node_unavailable")
+            hint = "" if keys else " (a CURVE broker answers only operator keys: --key-file, --broker-key)"
+            raise RequestError(f"no answer from {endpoint} within {timeout_ms} ms{hint}", "node_unavailable")
         reply = decode(sock.recv_multipart())
     except RemoteProtocolError as exc:
         raise RequestError(f"bad answer from {endpoint}: {exc}", "internal") from None
@@ -28,13 +41,14 @@ def ask(endpoint: str, message, timeout_ms: int = 5000):
     return reply
 
 
-def fetch_status(endpoint: str, timeout_ms: int = 5000) -> dict:
-    return ask(endpoint, make("STATUS"), timeout_ms)["status"]
+def fetch_status(endpoint: str, timeout_ms: int = 5000, keys: OperatorKeys | None = None) -> dict:
+    return ask(endpoint, make("STATUS"), timeout_ms, keys)["status"]
 
 
-def fetch_list(endpoint: str, device_id: str | None = None, timeout_ms: int = 5000) -> list:
+def fetch_list(endpoint: str, device_id: str | None = None, timeout_ms: int = 5000,
+               keys: OperatorKeys | None = None) -> list:
     fields = {"device_id": device_id} if device_id else {}
-    return ask(endpoint, make("LIST", **fields), timeout_ms)["snapshots"]
+    return ask(endpoint, make("LIST", **fields), timeout_ms, keys)["snapshots"]
 
 
 def _table(headers: list[str], rows: list[list]) -> str:

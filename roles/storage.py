@@ -20,7 +20,7 @@ from bus.heartbeat import Backoff, Liveness
 from bus.pipeline import TaskPool
 from bus.sockets import Outbox, make_dealer, recv_frames
 from roles.config import StorageConfig
-from roles.process import MAX_POLL_MS, StopFlag, now
+from roles.process import MAX_POLL_MS, StopFlag, client_security, now
 from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.durable import remove_temp_files
 from roles.storenode.faults import DiskFaults
@@ -54,6 +54,7 @@ class StorageNode:
         self.commits_waiting: set = set()
         self.reads: dict[str, ReadSession] = {}
         self.ctx = zmq.Context()
+        self.secure = client_security(config)
         self.sock = None
         self.outbox = None
         self.interval_s = config.heartbeat_interval_ms / 1000
@@ -70,7 +71,7 @@ class StorageNode:
     def connect(self) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
-        self.sock = make_dealer(self.ctx, self.config.broker)
+        self.sock = make_dealer(self.ctx, self.config.broker, secure=self.secure)
         self.outbox = Outbox(self.sock, encode)
         self.liveness = Liveness(self.interval_s, self.config.heartbeat_liveness, now())
         self._send_ready()

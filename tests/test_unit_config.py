@@ -11,10 +11,34 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 ROLE = {"broker.yaml": cfg.BrokerConfig, "storage.yaml": cfg.StorageConfig, "agent.yaml": cfg.AgentConfig}
 
 
+@pytest.fixture
+def keyed_dir(tmp_path):
+    """The keys the shipped configs name, made as an operator would with keygen."""
+    from bus.security import create_keypair
+    keys = tmp_path / "keys"
+    for name in ("broker", "node-a", "office-1", "ops"):
+        create_keypair(keys, name)
+    for sub, name in (("devices", "office-1"), ("nodes", "node-a"), ("operators", "ops")):
+        (keys / sub).mkdir()
+        (keys / sub / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+    return tmp_path
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_shipped_config_loads(name):
-    loaded = cfg.load(ROLE[name], CONFIGS / name)
-    assert loaded == cfg.load(ROLE[name], CONFIGS / name)
+def test_every_shipped_config_loads(name, keyed_dir):
+    path = keyed_dir / name
+    path.write_text((CONFIGS / name).read_text())
+    loaded = cfg.load(ROLE[name], path)
+    assert not loaded.insecure, "shipped configs run with CURVE on"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_config_without_its_keys_names_the_missing_key(name, tmp_path):
+    path = tmp_path / name
+    path.write_text((CONFIGS / name).read_text())
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(ROLE[name], path)
+    assert "key_file" in str(info.value) and str(path) in str(info.value)
 
 
 @pytest.mark.parametrize("text,key", [
@@ -27,7 +51,7 @@ def test_every_shipped_config_loads(name):
 ])
 def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
     path = tmp_path / "broker.yaml"
-    path.write_text(text)
+    path.write_text("insecure: true\n" + text)
     with pytest.raises(cfg.ConfigError) as info:
         cfg.load(cfg.BrokerConfig, path)
     assert key in str(info.value) and str(path) in str(info.value)
@@ -35,7 +59,7 @@ def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
 
 def test_bad_dataset_entry_names_its_position(tmp_path):
     path = tmp_path / "agent.yaml"
-    path.write_text("datasets:\n  - {name: a, path: x}\n  - {name: b, path: y, chunk_size: 1KiB}\n")
+    path.write_text("insecure: true\ndatasets:\n  - {name: a, path: x}\n  - {name: b, path: y, chunk_size: 1KiB}\n")
     with pytest.raises(cfg.ConfigError) as info:
         cfg.load(cfg.AgentConfig, path)
     assert "datasets[1].chunk_size" in str(info.value)
@@ -51,7 +75,7 @@ def test_ids_that_could_become_paths_are_refused(tmp_path, bad_id):
 
 def test_relative_paths_are_relative_to_the_file(tmp_path):
     path = tmp_path / "storage.yaml"
-    path.write_text("data_dir: ./var/n\n")
+    path.write_text("insecure: true\ndata_dir: ./var/n\n")
     assert cfg.load(cfg.StorageConfig, path).data_dir == str(tmp_path / "var" / "n")
 
 

@@ -19,8 +19,10 @@ SOFTWARE = "speedsync-agent/0.1"
 
 
 class BrokerLink:
-    def __init__(self, ctx: zmq.Context, endpoint: str, device_id: str, interval_s: float, liveness: int, now: float):
+    def __init__(self, ctx: zmq.Context, endpoint: str, device_id: str, interval_s: float, liveness: int, now: float,
+                 secure=None):
         self.ctx = ctx
+        self.secure = secure
         self.endpoint = endpoint
         self.device_id = device_id
         self.interval_s = interval_s
@@ -35,7 +37,7 @@ class BrokerLink:
     def connect(self, now: float) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
-        self.sock = make_dealer(self.ctx, self.endpoint)
+        self.sock = make_dealer(self.ctx, self.endpoint, secure=self.secure)
         self.outbox = Outbox(self.sock, encode)
         self.liveness = Liveness(self.interval_s, self.liveness_count, now)
         self.hello(now)

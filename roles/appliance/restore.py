@@ -21,7 +21,7 @@ from bus.errors import CODES, RequestError
 from roles.appliance.chunker import zeros
 from roles.appliance.link import BrokerLink
 from roles.config import AgentConfig
-from roles.process import MAX_POLL_MS, now
+from roles.process import MAX_POLL_MS, client_security, now
 from roles.storenode.chunkstore import decode_payload
 from roles.storenode.durable import fsync_dir
 from schemas import make
@@ -101,7 +101,7 @@ def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_
     """Run a restore to completion; raises RequestError with a clear reason on failure."""
     ctx = zmq.Context()
     link = BrokerLink(ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
-                      config.heartbeat_liveness, now())
+                      config.heartbeat_liveness, now(), secure=client_security(config))
     started = time.monotonic()
     if timeout_s is None:
         timeout_s = config.connect_timeout_ms / 1000
@@ -143,7 +143,7 @@ def _restore_loop(link, writer, dataset, snapshot, out, timeout_s, started) -> d
             elif msg.t == "BLOCK" and msg["transfer_id"] == transfer_id:
                 credit = writer.on_block(msg["index"], msg["hash"], msg["raw_len"], msg["codec"],
                                          msg.payload[0] if msg.payload else None)
-                if credit:
+                if credit and not writer.complete:
                     link.send(make("CREDIT", transfer_id=transfer_id, bytes=credit), now())
             if writer.complete:
                 writer.finish()
