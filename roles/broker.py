@@ -158,7 +158,17 @@ class Broker:
     def agent_BYE(self, session, msg, frames) -> None:
         self.drop_agent(session, "agent said BYE")
 
+    def _require_own(self, session, msg) -> None:
+        claimed = msg.get("device_id")
+        if claimed is not None and claimed != session.device_id:
+            raise RequestError(f"device {session.device_id} may not act for another device", "forbidden")
+
+    def agent_LIST(self, session, msg, frames) -> None:
+        self._require_own(session, msg)
+        self.front_out.send(make("LIST_REPLY", snapshots=self.catalog.list(session.device_id)), session.routing)
+
     def agent_OFFER(self, session, msg, frames) -> None:
+        self._require_own(session, msg)
         device, dataset, snapshot = session.device_id, msg["dataset"], msg["snapshot"]
         if msg["chunk_count"] != (msg["image_size"] + msg["chunk_size"] - 1) // msg["chunk_size"]:
             raise RequestError("chunk_count does not match image_size and chunk_size", "bad_field")
@@ -193,6 +203,7 @@ class Broker:
                                 chunk_count=t.chunk_count), node.routing)
 
     def agent_RESTORE(self, session, msg, frames) -> None:
+        self._require_own(session, msg)
         device, dataset, snapshot = session.device_id, msg["dataset"], msg["snapshot"]
         entry = self.catalog.lookup(device, dataset, snapshot)
         if entry is None:
