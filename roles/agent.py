@@ -33,7 +33,7 @@ MAX_ATTEMPTS_ONCE = 4
 PARK_RETRY_S = 2.0
 # Refusals that say "not now" rather than "never": the upload is parked and
 # offered again without counting as a failed attempt.
-PARKING_CODES = {"node_unavailable", "no_storage", "stalled"}
+PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error"}
 
 
 class Agent:

@@ -368,7 +368,11 @@ class Broker:
         if msg.get("ref") == "CHUNK" and msg.get("hash") is not None:
             node.credit.release(t.on_chunk_done(msg["hash"], stored=False))
             self.grant_credit_all(node)
-        if msg.get("ref") != "CHUNK" or msg["code"] == "storage_error":
+        if msg["code"] == "storage_error":
+            # The node's disk failed or filled: nothing was acknowledged that
+            # is not on disk; park until the agent offers it again.
+            self.finish(t, "parked", f"{msg['code']}: {msg['reason']}")
+        elif msg.get("ref") != "CHUNK":
             self.finish(t, "failed", f"{msg['code']}: {msg['reason']}")
 
     # --- credit -------------------------------------------------------------

@@ -64,6 +64,8 @@ class StorageConfig:
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
     fault_write_rate: int | None = _kind("rate", None)
+    fault_fail_at_write: int = _kind("int", 0, min=0)
+    fault_disk_capacity: int | None = _kind("optional_size", None)
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 
@@ -108,6 +110,8 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             parsed = parse_size(value)
         elif kind == "rate":
             parsed = parse_rate(value)
+        elif kind == "optional_size":
+            parsed = None if value is None or str(value).strip().lower() == "none" else parse_size(value)
         elif kind == "bool":
             if not isinstance(value, bool):
                 raise ValueError(f"expected true or false, got {value!r}")

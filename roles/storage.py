@@ -41,9 +41,10 @@ class StorageNode:
         removed = remove_temp_files(config.data_dir) if _exists(config.data_dir) else 0
         if removed:
             logger.info("removed {} temporary files left by an interrupted write", removed)
-        self.faults = DiskFaults(write_rate=config.fault_write_rate)
+        self.faults = DiskFaults(write_rate=config.fault_write_rate, fail_at_write=config.fault_fail_at_write,
+                                 capacity=config.fault_disk_capacity)
         self.chunks = ChunkStore(config.data_dir, write_hook=self.faults.before_write if self.faults.active else None)
-        self.manifests = ManifestStore(config.data_dir)
+        self.manifests = ManifestStore(config.data_dir, write_hook=self.chunks.write_hook)
         self.owners = DeviceChunks(config.data_dir, committed_chunks=self._committed_chunks)
         self.pool = TaskPool(config.store_threads, name="store")
         self.image_pool = TaskPool(1, name="image")  # whole-image hashes, strictly in order
@@ -318,7 +319,7 @@ class StorageNode:
             if error is not None:
                 if not isinstance(error, RequestError):
                     logger.error("storing chunk {} failed: {}", name.hex()[:16], error)
-                    error = RequestError(f"store failed: {error}", "storage_error")
+                    error = RequestError(f"store failed: {_describe(error)}", "storage_error")
                 self.send_error(error, ref="CHUNK", transfer_id=tid, hash=name)
                 return
             if session is not None:
@@ -336,7 +337,8 @@ class StorageNode:
             if error is not None:
                 if not isinstance(error, RequestError):
                     logger.error("commit of {} failed: {}", tid, error)
-                    error = RequestError(f"commit failed: {error}", "commit_failed")
+                    code = "storage_error" if isinstance(error, OSError) else "commit_failed"
+                    error = RequestError(f"commit failed: {_describe(error)}", code)
                 self.send_error(error, ref="COMMIT", transfer_id=tid)
                 return
             m = result
@@ -373,6 +375,12 @@ class StorageNode:
                 session.next_index += 1
             if session.finished:
                 self.reads.pop(tid, None)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{error.__class__.__name__}: {error}"
 
 
 def _hash_step(session: UploadSession, store, pieces) -> None:

@@ -44,7 +44,7 @@ class ChunkStore:
     def __init__(self, root: str | os.PathLike, write_hook=None):
         self.root = Path(root) / "chunks"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._write_hook = write_hook
+        self.write_hook = write_hook
 
     def path_for(self, name: bytes) -> Path:
         hexname = name.hex()
@@ -66,7 +66,7 @@ class ChunkStore:
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
             header = HEADER.pack(MAGIC, FORMAT, CODEC_IDS[codec], raw_len)
-            write_durable(path, [header, payload], self._write_hook)
+            write_durable(path, [header, payload], self.write_hook)
         return raw
 
     def read_stored(self, name: bytes) -> tuple[str, int, bytes]:

@@ -57,7 +57,8 @@ def chunk_count_for(image_size: int, chunk_size: int) -> int:
 
 
 class ManifestStore:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, write_hook=None):
+        self.write_hook = write_hook
         self.root = Path(root) / "manifests"
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -70,7 +71,7 @@ class ManifestStore:
     def save(self, manifest: Manifest) -> None:
         path = self._path(manifest.device_id, manifest.dataset, manifest.snapshot)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_durable(path, [manifest.to_bytes()])
+        write_durable(path, [manifest.to_bytes()], self.write_hook)
 
     def load(self, device_id: str, dataset: str, snapshot: str) -> Manifest:
         path = self._path(device_id, dataset, snapshot)
