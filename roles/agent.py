@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -61,6 +62,14 @@ class Agent:
         self.progress = Progress()
         self.next_scan = 0.0
         self.unanswered_since: float | None = now()  # no WELCOME since then
+        self.resuming: set = set()
+        for dataset, snapshot, path in self.journal.interrupted():
+            if os.path.exists(path):
+                self.resuming.add((dataset, snapshot))
+                logger.info("{}/{} was interrupted; it resumes from what the cloud holds", dataset, snapshot)
+            else:
+                logger.warning("{}/{} was interrupted but {} has vanished; forgetting it", dataset, snapshot, path)
+                self.journal.forget_started(dataset, snapshot)
 
     # --- scheduling ---------------------------------------------------------
 
@@ -76,7 +85,9 @@ class Agent:
             self.queued_keys.add(p.key)
             self.results.setdefault(p.key, {"dataset": p.dataset.name, "snapshot": p.snapshot, "state": "queued"})
         if fresh:
-            self.queue = deque(sorted(self.queue, key=lambda p: p.order()))
+            # interrupted uploads first within a priority (DESIGN: resume before new work)
+            self.queue = deque(sorted(self.queue, key=lambda p: (p.dataset.priority, p.key not in self.resuming,
+                                                                 p.order())))
 
     def start_uploads(self, t: float) -> None:
         if not self.link.welcomed:
@@ -110,6 +121,7 @@ class Agent:
         req = serial
         self.by_req[req] = upload
         self.attempts[pending.key] = self.attempts.get(pending.key, 0) + 1
+        self.journal.record_started(pending.dataset.name, pending.snapshot, pending.path)
         logger.info("offering {}/{} ({} bytes)", pending.dataset.name, pending.snapshot, pending.size)
         self._send(upload.offer(req))
 
@@ -207,6 +219,13 @@ class Agent:
                         summary["chunks_sent"], summary["bytes_sent"])
             return
         self.carry[key] = {f: summary[f] for f in ("chunks_sent", "bytes_read", "bytes_sent", "seconds")}
+        if not os.path.exists(upload.pending.path):
+            # deleted on the appliance (its retention) while we worked: nothing left to send
+            logger.warning("{}/{} vanished from {}; dropping it", key[0], key[1], upload.pending.path)
+            summary["state"] = "vanished"
+            self.journal.forget_started(key[0], key[1])
+            self.parked_since.pop(key, None)
+            return
         if upload.state == "parked":
             self.attempts[key] = self.attempts.get(key, 1) - 1  # not the snapshot's fault
             since = self.parked_since.setdefault(key, now())
@@ -292,7 +311,7 @@ class Agent:
             self.image.close()
             self.journal.close()
             self.ctx.term()
-        failed = [r for r in self.results.values() if r.get("state") != "committed"]
+        failed = [r for r in self.results.values() if r.get("state") not in ("committed", "vanished")]
         return 1 if failed else 0
 
     def summary(self) -> dict:
@@ -312,7 +331,7 @@ def run_agent(config: AgentConfig, once: bool, as_json: bool) -> int:
         json.dump(agent.summary(), sys.stdout)
         sys.stdout.write("\n")
     if once and code != 0:
-        failed = [r for r in agent.results.values() if r.get("state") != "committed"]
+        failed = [r for r in agent.results.values() if r.get("state") not in ("committed", "vanished")]
         reasons = "; ".join(f"{r['dataset']}/{r['snapshot']}: {r.get('reason', r.get('state'))}" for r in failed)
         print(f"speedsync agent: {len(failed)} snapshot(s) not committed: {reasons}", file=sys.stderr)
     if stop.stopping and once:

@@ -31,6 +31,9 @@ from roles.storenode.verify import hash_pieces
 from schemas import decode, encode, error_message, make
 
 SOFTWARE = "speedsync-storage/0.1"
+# Sessions no broker has touched this long are orphans (the broker restarted,
+# or parked them and the node missed the ABORT): forget them.
+SESSION_IDLE_S = 600.0
 # Bytes of restore data sent per loop turn before polling again.
 PUMP_BUDGET = 8 * 1024 * 1024
 
@@ -122,6 +125,7 @@ class StorageNode:
                     free, used = self.chunks.space()
                     self.send(make("HEARTBEAT", free_bytes=free, used_bytes=used, load=self.load))
                 self.owners.flush()
+                self._sweep_idle_sessions(t)
         finally:
             self.owners.close()
             self.pool.close()
@@ -129,6 +133,15 @@ class StorageNode:
             if self.sock is not None:
                 self.sock.close(linger=0)
             self.ctx.term()
+
+    def _sweep_idle_sessions(self, t: float) -> None:
+        for tid, session in list(self.uploads.items()):
+            if t - session.last_activity > SESSION_IDLE_S and not session.committing:
+                logger.info("forgetting idle upload {}", tid)
+                self._close_upload(tid)
+        for tid, session in list(self.reads.items()):
+            if t - session.last_activity > SESSION_IDLE_S:
+                self.reads.pop(tid, None)
 
     @property
     def load(self) -> int:

@@ -12,6 +12,13 @@ import time
 from pathlib import Path
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS in_progress (
+    dataset TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    path TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (dataset, snapshot)
+);
 CREATE TABLE IF NOT EXISTS committed (
     dataset TEXT NOT NULL,
     snapshot TEXT NOT NULL,
@@ -39,8 +46,26 @@ class Journal:
         return {r[0] for r in self.db.execute("SELECT snapshot FROM committed WHERE dataset=?", (dataset,))}
 
     def record_committed(self, dataset: str, snapshot: str, blake3: bytes | None, size: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO committed VALUES (?, ?, ?, ?, ?)",
-                        (dataset, snapshot, blake3, size, time.time()))
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT OR REPLACE INTO committed VALUES (?, ?, ?, ?, ?)",
+                            (dataset, snapshot, blake3, size, time.time()))
+            self.db.execute("DELETE FROM in_progress WHERE dataset=? AND snapshot=?", (dataset, snapshot))
+
+    def record_started(self, dataset: str, snapshot: str, path: str) -> bool:
+        """Note an upload as under way; True if it was already (we are resuming it)."""
+        row = self.db.execute("SELECT started_at FROM in_progress WHERE dataset=? AND snapshot=?",
+                              (dataset, snapshot)).fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO in_progress VALUES (?, ?, ?, ?)", (dataset, snapshot, path, time.time()))
+        return row is not None
+
+    def interrupted(self) -> list[tuple[str, str, str]]:
+        """(dataset, snapshot, path) of uploads a previous run did not finish."""
+        return list(self.db.execute("SELECT dataset, snapshot, path FROM in_progress"))
+
+    def forget_started(self, dataset: str, snapshot: str) -> None:
+        self.db.execute("DELETE FROM in_progress WHERE dataset=? AND snapshot=?", (dataset, snapshot))
 
     def close(self) -> None:
         self.db.close()
