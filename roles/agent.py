@@ -18,6 +18,7 @@ from collections import deque
 import zmq
 from loguru import logger
 
+from bus.linkfaults import LinkFaults
 from bus.pipeline import TaskPool
 from bus.errors import RequestError
 from roles.appliance.chunker import ImageHasher
@@ -46,7 +47,8 @@ class Agent:
         self.image = TaskPool(1, name="image")
         self.ctx = zmq.Context()
         self.link = BrokerLink(self.ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
-                               config.heartbeat_liveness, now(), secure=client_security(config))
+                               config.heartbeat_liveness, now(), secure=client_security(config),
+                               faults=_link_faults(config))
         self.queue: deque = deque()  # PendingSnapshot, most urgent first
         self.queued_keys: set = set()
         self.active: dict[int, Upload] = {}  # by serial
@@ -153,6 +155,7 @@ class Agent:
             self._fail(upload, f"{exc.code}: {exc.reason}")
 
     def _dispatch(self, upload: Upload, msg) -> None:
+        upload.heard()
         if msg.t == "ACCEPT":
             self.by_req.pop(msg["req"], None)
             if not msg["committed"]:
@@ -208,8 +211,9 @@ class Agent:
         key = upload.pending.key
         summary = upload.summary()
         carried = self.carry.get(key, {})
-        for field in ("chunks_sent", "bytes_read", "bytes_sent", "seconds"):
-            summary[field] = summary[field] + carried.get(field, 0)
+        for field in ("chunks_sent", "bytes_read", "bytes_sent"):
+            summary[field] += carried.get(field, 0)
+        summary["seconds"] = round(summary["seconds"] + carried.get("seconds", 0.0), 3)
         self.results[key] = summary
         if upload.state == "committed":
             self.journal.record_committed(key[0], key[1], upload.image_blake3, upload.image_size)
@@ -248,6 +252,16 @@ class Agent:
         self.retry_at[key] = now() + delay
         self.queue.appendleft(upload.pending)
         self.queued_keys.add(key)
+
+    def watch_replies(self, t: float) -> None:
+        """The agent's watchdog: an upload the cloud has gone silent about
+        (a lost message, a broker that lost it) is parked and offered again."""
+        limit = self.config.reply_timeout_ms / 1000
+        for upload in [u for u in self.active.values() if u.silent_for(t) > limit]:
+            if upload.transfer_id is not None:
+                self._send(make("ABORT", transfer_id=upload.transfer_id))
+            upload.park(f"no answer from the cloud for {limit:.0f}s")
+            self._finished(upload)
 
     def give_up(self, reason: str) -> None:
         for upload in list(self.active.values()):
@@ -300,6 +314,7 @@ class Agent:
                     poller.unregister(self.link.sock)
                     self.link.connect(t)
                     poller.register(self.link.sock, zmq.POLLIN)
+                self.watch_replies(t)
                 if not self.once and t >= self.next_scan:
                     self.rescan(t)
                 self.start_uploads(t)
@@ -316,6 +331,15 @@ class Agent:
 
     def summary(self) -> dict:
         return {"transfers": list(self.results.values())}
+
+
+def _link_faults(config: AgentConfig) -> LinkFaults | None:
+    faults = LinkFaults(config.fault_link_drop_rate, config.fault_link_delay_ms, config.fault_seed)
+    if faults.active:
+        logger.warning("fault injection on: dropping {:.1%} and delaying {} ms of what this agent sends",
+                       config.fault_link_drop_rate, config.fault_link_delay_ms)
+        return faults
+    return None
 
 
 def _hash_step(hasher: ImageHasher, pieces: list, final: bool):

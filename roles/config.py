@@ -93,6 +93,10 @@ class AgentConfig:
     scan_interval_ms: int = _kind("int", 2000, min=50)
     connect_timeout_ms: int = _kind("int", 30000, min=100)
     park_timeout_ms: int = _kind("int", 600000, min=100)
+    reply_timeout_ms: int = _kind("int", 120000, min=100)
+    fault_link_drop_rate: float = _kind("fraction", 0.0)
+    fault_link_delay_ms: int = _kind("int", 0, min=0)
+    fault_seed: int = _kind("int", 0)
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
@@ -120,6 +124,10 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"expected an integer, got {value!r}")
             parsed = value
+        elif kind == "fraction":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"expected a number in [0, 1), got {value!r}")
+            parsed = float(value)
         elif kind == "choice":
             if value not in meta["choices"]:
                 raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {value!r}")

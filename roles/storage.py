@@ -65,6 +65,7 @@ class StorageNode:
         self.liveness = None
         self.backoff = Backoff()
         self.errors_sent = 0
+        self.next_sweep = 0.0
 
     def _committed_chunks(self, device_id: str):
         for manifest in self.manifests.all_for_device(device_id):
@@ -135,6 +136,9 @@ class StorageNode:
             self.ctx.term()
 
     def _sweep_idle_sessions(self, t: float) -> None:
+        if t < self.next_sweep:
+            return
+        self.next_sweep = t + 1.0
         for tid, session in list(self.uploads.items()):
             if t - session.last_activity > SESSION_IDLE_S and not session.committing:
                 logger.info("forgetting idle upload {}", tid)

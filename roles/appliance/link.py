@@ -12,6 +12,7 @@ from loguru import logger
 
 from bus.errors import RemoteProtocolError
 from bus.heartbeat import Backoff, Liveness
+from bus.linkfaults import LinkFaults
 from bus.sockets import Outbox, make_dealer, recv_frames
 from schemas import decode, encode, make
 
@@ -20,9 +21,10 @@ SOFTWARE = "speedsync-agent/0.1"
 
 class BrokerLink:
     def __init__(self, ctx: zmq.Context, endpoint: str, device_id: str, interval_s: float, liveness: int, now: float,
-                 secure=None):
+                 secure=None, faults: LinkFaults | None = None):
         self.ctx = ctx
         self.secure = secure
+        self.faults = faults
         self.endpoint = endpoint
         self.device_id = device_id
         self.interval_s = interval_s
@@ -48,6 +50,9 @@ class BrokerLink:
         self.send(make("HELLO", device_id=self.device_id, software=SOFTWARE), now)
 
     def send(self, message, now: float | None = None) -> bool:
+        if self.faults is not None and message.t not in ("HELLO", "HEARTBEAT", "BYE"):
+            if not self.faults.admit(message, now if now is not None else 0.0):
+                return True  # as lost on the wire: the sender cannot tell
         ok = self.outbox.send(message)
         if now is not None:
             self.liveness.sent(now)
@@ -77,6 +82,9 @@ class BrokerLink:
 
     def tick(self, now: float) -> bool:
         """Heartbeat if due; False when the broker is considered dead."""
+        if self.faults is not None:
+            for message in self.faults.due(now):
+                self.outbox.send(message)
         if self.liveness.is_dead(now):
             return False
         if self.liveness.heartbeat_due(now):

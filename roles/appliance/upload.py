@@ -46,6 +46,7 @@ class Upload:
         self.reason = ""
         self.credit = SendCredit()
         self.started_at = clock()
+        self.last_heard = self.started_at  # the cloud's last word about this upload
         self.finished_at: float | None = None
         self.image_blake3: bytes | None = None
         # pipeline
@@ -74,6 +75,12 @@ class Upload:
     def offer(self, req: int):
         return make("OFFER", req=req, dataset=self.pending.dataset.name, snapshot=self.pending.snapshot,
                     image_size=self.image_size, chunk_size=self.chunk_size, chunk_count=self.chunk_count)
+
+    def heard(self) -> None:
+        self.last_heard = self._clock()
+
+    def silent_for(self, now: float) -> float:
+        return now - self.last_heard
 
     def on_accept(self, transfer_id: str, committed: bool) -> None:
         if committed:
