@@ -46,6 +46,7 @@ class Broker:
         self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness)
         self.transfers: dict[str, Transfer] = {}
         self.finished: deque = deque(maxlen=config.finished_transfers_kept)
+        self.finished_by_id: dict[str, Transfer] = {}
         # (device, dataset, snapshot) -> transfer waiting for its storage node
         self.parked: dict[tuple, Transfer] = {}
         self.pending_placement: dict[tuple, str] = {}  # (device, dataset) -> node of uploads in progress
@@ -254,6 +255,9 @@ class Broker:
         self.back_out.send_frames(list(frames), node.routing, msg.t)
 
     def agent_CREDIT(self, session, msg, frames) -> None:
+        late = self.finished_by_id.get(msg["transfer_id"])
+        if late is not None and late.kind == "restore" and late.device_id == session.device_id:
+            return  # credit for blocks of a restore already complete: nothing left to grant it for
         t = self._owned(session, msg)
         self.back_out.send_frames(list(frames), self._node_of(t).routing, msg.t)
 
@@ -424,7 +428,11 @@ class Broker:
         if state == "parked":
             self.parked[(t.device_id, t.dataset, t.snapshot)] = t
         else:
+            if self.finished and len(self.finished) == self.finished.maxlen:
+                self.finished_by_id.pop(self.finished[0].transfer_id, None)
             self.finished.append(t)
+            if self.finished.maxlen:
+                self.finished_by_id[t.transfer_id] = t
         agent = self.registry.agents.get(t.agent_routing)
         if agent is not None:
             agent.transfers.discard(t.transfer_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,7 +136,9 @@ class Cluster:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.heartbeat_liveness = heartbeat_liveness
         self.procs: dict[str, subprocess.Popen] = {}
+        self.servers: set[str] = set()  # long-running roles: they must outlive the test
         self._log_files: list = []
+        self._runs = 0
         front, back, status = free_ports(3)
         self.frontend = f"tcp://127.0.0.1:{front}"
         self.backend = f"tcp://127.0.0.1:{back}"
@@ -162,15 +165,20 @@ class Cluster:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def spawn(self, name: str, *args) -> subprocess.Popen:
-        """Start `python -m roles ARGS` in the background, stderr to logs/NAME.log."""
+    def spawn(self, name: str, *args, server: bool = True) -> subprocess.Popen:
+        """Start `python -m roles ARGS` in the background, stderr to logs/NAME.log.
+
+        A server's stdout goes to its log too; otherwise it is a pipe, read by `finish`.
+        """
         assert name not in self.procs, f"process {name} already started"
         log = open(self.logs / f"{name}.log", "wb")
         self._log_files.append(log)
         proc = subprocess.Popen([sys.executable, "-m", "roles", *map(str, args)], cwd=self.root,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if name.startswith("agent") else log,
-                                stderr=log, env=self._env())
+                                stdin=subprocess.DEVNULL, stdout=log if server else subprocess.PIPE, stderr=log,
+                                env=self._env())
         self.procs[name] = proc
+        if server:
+            self.servers.add(name)
         return proc
 
     def run(self, *args, timeout_s: float = 120, log_name: str | None = None) -> Result:
@@ -183,7 +191,8 @@ class Cluster:
             raise TimeoutError(f"{' '.join(cmd[2:])} did not finish in {timeout_s}s\n"
                                f"stderr: {exc.stderr!r}\n{self.log_tails()}") from None
         if log_name:
-            (self.logs / f"{log_name}.log").write_text(done.stderr)
+            self._runs += 1
+            (self.logs / f"run{self._runs:02d}-{log_name}.log").write_text(done.stderr)
         return Result(cmd[3:], done.returncode, done.stdout, done.stderr)
 
     def start_broker(self, **overrides) -> subprocess.Popen:
@@ -227,7 +236,7 @@ class Cluster:
     def run_agent_once(self, config: Path, timeout_s: float = 180) -> tuple[int, dict | None, str]:
         """`agent --config CONFIG --once --json` -> (exit code, parsed JSON or None, stderr)."""
         result = self.run("agent", "--config", config, "--once", "--json", timeout_s=timeout_s,
-                          log_name=f"{config.stem}-once-{time.monotonic_ns()}")
+                          log_name=f"{config.stem}-once")
         try:
             doc = json.loads(result.stdout) if result.stdout.strip() else None
         except json.JSONDecodeError:
@@ -236,9 +245,10 @@ class Cluster:
 
     def start_agent_once(self, config: Path) -> subprocess.Popen:
         """Start `agent --once --json` in the background; finish it with `finish_agent`."""
-        return self.spawn(config.stem, "agent", "--config", config, "--once", "--json")
+        return self.spawn(config.stem, "agent", "--config", config, "--once", "--json", server=False)
 
     def finish_agent(self, name: str, timeout_s: float = 300) -> tuple[int, dict | None, str]:
+        """Wait for a background `agent --once --json` -> (exit code, parsed JSON or None, its log)."""
         proc = self.procs[name]
         try:
             stdout, _ = proc.communicate(timeout=timeout_s)
@@ -250,7 +260,7 @@ class Cluster:
 
     def restore(self, config: Path, dataset: str, snapshot: str, out: Path, timeout_s: float = 180) -> Result:
         return self.run("restore", "--config", config, "--dataset", dataset, "--snapshot", snapshot, "--out", out,
-                        timeout_s=timeout_s, log_name=f"restore-{dataset}-{snapshot}-{time.monotonic_ns()}")
+                        timeout_s=timeout_s, log_name=f"restore-{dataset}-{snapshot}")
 
     # --- the status socket ----------------------------------------------------
 
@@ -288,9 +298,8 @@ class Cluster:
         return wait_for(condition, timeout_s, what, interval_s, on_timeout=self.log_tails)
 
     def dead_processes(self) -> dict[str, int]:
-        """Long-running roles (not agents) that exited, with their exit codes."""
-        return {name: p.returncode for name, p in self.procs.items()
-                if not name.startswith("agent") and p.poll() is not None}
+        """Long-running roles that exited, with their exit codes."""
+        return {name: self.procs[name].returncode for name in self.servers if self.procs[name].poll() is not None}
 
     def log_tails(self, lines: int = 30) -> str:
         parts = []
@@ -314,6 +323,12 @@ class Cluster:
                 proc.stdout.close()
         for log in self._log_files:
             log.close()
+
+    def remove_data(self) -> None:
+        """Delete images, stores and restores (keeping configs and logs): large, and useless once passed."""
+        for child in self.root.iterdir():
+            if child not in (self.logs, self.root / "configs"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def chunk_names(path: Path, chunk_size: int = MiB) -> list[bytes | None]:

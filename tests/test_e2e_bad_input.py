@@ -1,0 +1,156 @@
+"""End to end: hostile bytes on the broker's agent socket.
+
+A raw zmq DEALER speaks to the real broker frontend: malformed frames,
+unknown types, oversized headers, another protocol version, a chunk whose
+bytes do not match its name, someone else's transfer. Each is answered with
+an ERROR carrying a stable code (bus/errors.py CODES); meanwhile a real
+agent replicates, nothing corrupt reaches the catalog, no process dies, and
+the broker's status counts every refusal by code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import blake3
+import msgpack
+import pytest
+import zmq
+
+from bench.imagegen import generate_image
+from bus.errors import CODES
+from schemas import decode, encode, make
+from schemas.messages import SMALL_HEADER
+from tests.harness import MiB
+
+REPLY_TIMEOUT_S = 10
+
+
+def header(**fields) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+class RawClient:
+    """A DEALER that sends whatever it is told and reads decoded replies (answering heartbeats)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send_frames(self, frames: list) -> None:
+        self.sock.send_multipart(frames)
+
+    def send(self, t: str, payload=(), **fields) -> None:
+        self.sock.send_multipart(encode(make(t, payload=payload, **fields)))
+
+    def expect(self, t: str, timeout_s: float = REPLY_TIMEOUT_S):
+        """The next message other than HEARTBEAT; it must be of type t."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            assert left_ms > 0 and self.sock.poll(left_ms), f"no {t} within {timeout_s}s"
+            msg = decode(self.sock.recv_multipart())
+            if msg.t == "HEARTBEAT":
+                self.send("HEARTBEAT")
+                continue
+            assert msg.t == t, f"expected {t}, got {msg}"
+            return msg
+
+    def expect_error(self, code: str):
+        msg = self.expect("ERROR")
+        assert msg["code"] == code, f"expected ERROR {code}, got {dict(msg.fields)}"
+        assert code in CODES
+        assert msg["reason"] and "Traceback" not in msg["reason"]
+        return msg
+
+    def hello(self, device_id: str) -> None:
+        self.send("HELLO", device_id=device_id)
+        self.expect("WELCOME")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.term()
+
+
+def test_hostile_agent_gets_stable_errors_while_a_real_agent_replicates(cluster, zctx, tmp_path):
+    # A slow disk (12 MB/s for 48 MiB of incompressible data) keeps the real upload
+    # running for seconds, so the hostile sessions below happen while it flows.
+    cluster.start(fault_write_rate="12MB")
+    directory = cluster.dataset_dir("office-1", "fileserver")
+    digest = generate_image(str(directory / "s1.img"), 48 * MiB, seed=9, zero_fraction=0.0, text_fraction=0.0)
+    good = cluster.start_agent_once(cluster.agent_config("office-1", [{"name": "fileserver", "path": directory}]))
+    cluster.wait_for(lambda: any(t["state"] == "active" for t in cluster.transfers("office-1")), 30,
+                     "the real agent's upload to be active")
+    caused = Counter()
+
+    mallory = RawClient(zctx, cluster.frontend)
+    bad_frames = {
+        "bad_header": [[b"\xc1 not msgpack at all"], [msgpack.packb([1, 2, 3])], [b"\x81\xa1v"]],
+        "bad_frames": [[b""], [header(v=1, t="HEARTBEAT")] * 9],
+        "unknown_type": [[header(v=1, t="FROBNICATE")], [header(v=1, t=17)]],
+        "bad_version": [[header(v=2, t="HELLO", device_id="mallory")], [header(t="HELLO", device_id="mallory")]],
+        "too_large": [[header(v=1, t="HELLO", device_id="mallory", pad="x" * (SMALL_HEADER + 1))],
+                      [header(v=1, t="HEARTBEAT", pad=b"\0" * (100 * 1024))]],
+        "bad_id": [[header(v=1, t="HELLO", device_id="../etc")]],
+        "bad_field": [[header(v=1, t="HELLO", device_id="mallory", extra=1)], [header(v=1, t="HELLO")]],
+    }
+    for code, cases in bad_frames.items():
+        for frames in cases:
+            mallory.send_frames(frames)
+            mallory.expect_error(code)
+            caused[code] += 1
+    mallory.send("OFFER", req=1, dataset="d", snapshot="s", image_size=65536, chunk_size=65536, chunk_count=1)
+    mallory.expect_error("not_registered")
+    caused["not_registered"] += 1
+
+    # A registered session: a chunk whose bytes do not match its name.
+    mallory.hello("mallory")
+    good_bytes = bytes(range(256)) * 256
+    name = blake3.blake3(good_bytes).digest()
+    mallory.send("OFFER", req=2, dataset="d", snapshot="s", image_size=len(good_bytes), chunk_size=len(good_bytes),
+                 chunk_count=1)
+    accept = mallory.expect("ACCEPT")
+    tid = accept["transfer_id"]
+    assert accept["req"] == 2 and not accept["committed"]
+    mallory.send("QUERY", transfer_id=tid, start=0, hashes=[name])
+    assert mallory.expect("MISSING")["missing"] == [0]
+    assert mallory.expect("CREDIT")["bytes"] >= len(good_bytes)
+    forged = b"\xff" + good_bytes[1:]
+    mallory.send("CHUNK", payload=[forged], transfer_id=tid, hash=name, raw_len=len(forged), codec="raw")
+    refusal = mallory.expect_error("bad_chunk")
+    assert refusal["transfer_id"] == tid
+    caused["bad_chunk"] += 1
+    # Another device may not touch that transfer, nor can anyone use an id that does not exist.
+    eve = RawClient(zctx, cluster.frontend)
+    eve.hello("eve")
+    eve.send("CHUNK", payload=[good_bytes], transfer_id=tid, hash=name, raw_len=len(good_bytes), codec="raw")
+    assert eve.expect_error("unknown_transfer")["transfer_id"] == tid
+    eve.send("QUERY", transfer_id=tid, start=0, hashes=[name])
+    eve.expect_error("unknown_transfer")
+    eve.send("COMMIT", transfer_id="t-0000000000000000", image_blake3=None)
+    eve.expect_error("unknown_transfer")
+    caused["unknown_transfer"] += 3
+    eve.close()
+    mallory.send("COMMIT", transfer_id=tid, image_blake3=name)  # the node never stored the chunk
+    mallory.expect_error("bad_state")
+    caused["bad_state"] += 1
+    mallory.close()
+    assert good.poll() is None, "the real upload ended before the hostile sessions did: nothing overlapped"
+
+    rc, doc, log = cluster.finish_agent("agent-office-1")
+    assert rc == 0, log
+    assert [t["state"] for t in doc["transfers"]] == ["committed"]
+    listed = cluster.catalog()
+    assert [(s["device_id"], s["dataset"], s["snapshot"], s["blake3"]) for s in listed] == \
+        [("office-1", "fileserver", "s1", digest)]
+    # The hostile sessions broke nothing and were counted, code by code.
+    assert cluster.status()["broker"]["errors_by_code"] == dict(caused)
+    assert not cluster.dead_processes()
