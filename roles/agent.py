@@ -313,6 +313,7 @@ class Agent:
                     self.on_broker_lost()
                     poller.unregister(self.link.sock)
                     self.link.connect(t)
+                    self.link.liveness.heard(t + self.link.backoff.next_delay())
                     poller.register(self.link.sock, zmq.POLLIN)
                 self.watch_replies(t)
                 if not self.once and t >= self.next_scan:

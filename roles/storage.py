@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import blake3
 import zmq
@@ -118,9 +117,9 @@ class StorageNode:
                 if self.liveness.is_dead(t):
                     logger.warning("broker silent for {} intervals; reconnecting", self.config.heartbeat_liveness)
                     poller.unregister(self.sock)
-                    stop_wait = self.backoff.next_delay()
-                    _sleep_unless(stop, stop_wait)
                     self.connect()
+                    # the next attempt waits a liveness period plus a growing back-off
+                    self.liveness.heard(t + self.backoff.next_delay())
                     poller.register(self.sock, zmq.POLLIN)
                 elif self.liveness.heartbeat_due(t):
                     free, used = self.chunks.space()
@@ -410,12 +409,6 @@ def _hash_step(session: UploadSession, store, pieces) -> None:
 
 def _exists(path: str) -> bool:
     return os.path.isdir(path)
-
-
-def _sleep_unless(stop: StopFlag, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not stop.stopping and time.monotonic() < deadline:
-        time.sleep(min(0.05, deadline - time.monotonic()))
 
 
 def run_storage(config: StorageConfig) -> int:
