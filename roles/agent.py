@@ -1,9 +1,11 @@
 """Appliance agent process: finds snapshots, uploads what the cloud lacks.
 
-One poll loop over the broker connection and two pools: `work` (read, hash,
-compress on every core) and `image` (one thread: the whole-image blake3 fed
-in order). Uploads are plain `Upload` objects; this module routes replies
-and pool results to them and decides what starts next (priority, then age).
+One poll loop over the broker connection, the agent's status socket and two
+pools: `work` (read, hash, compress on every core) and `image` (one thread:
+the whole-image blake3 fed in order). Uploads are plain `Upload` objects;
+this module routes replies and pool results to them, starts what the planner
+says is most urgent, and lets the WireScheduler decide, by weight and within
+the bandwidth limit in force, whose chunk goes on the wire next.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -18,99 +21,131 @@ from collections import deque
 import zmq
 from loguru import logger
 
+from bus.errors import RemoteProtocolError, RequestError
 from bus.linkfaults import LinkFaults
 from bus.pipeline import TaskPool
-from bus.errors import RequestError
+from bus.sockets import Outbox, make_router, recv_frames
+from roles import config as cfg
+from roles.appliance.bandwidth import Bandwidth
 from roles.appliance.chunker import ImageHasher
+from roles.appliance.endpoints import choose_endpoint
 from roles.appliance.journal import Journal
 from roles.appliance.link import BrokerLink
+from roles.appliance.outcomes import Outcomes
+from roles.appliance.planner import may_preempt, plan
 from roles.appliance.progress import Progress
 from roles.appliance.scanner import scan
+from roles.appliance.status import agent_status
 from roles.appliance.upload import Upload
+from roles.appliance.wire import WireScheduler
 from roles.config import AgentConfig
 from roles.process import MAX_POLL_MS, StopFlag, client_security, now
-from schemas import make
+from schemas import decode, encode, error_message, make
 
-MAX_ATTEMPTS_ONCE = 4
-PARK_RETRY_S = 2.0
 # Refusals that say "not now" rather than "never": the upload is parked and
 # offered again without counting as a failed attempt.
 PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error"}
+MAX_PIECE = 16 * 1024 * 1024 + 65536
+
+
+def status_endpoint(config: AgentConfig) -> str:
+    return config.status_bind or f"ipc://{os.path.join(config.state_dir, 'agent.sock')}"
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, once: bool = False):
+    def __init__(self, config: AgentConfig, once: bool = False, config_path: str | None = None):
         self.config = config
+        self.config_path = config_path
         self.once = once
         self.journal = Journal(config.state_dir)
         self.work = TaskPool(config.threads, name="work")
         self.image = TaskPool(1, name="image")
         self.ctx = zmq.Context()
-        self.link = BrokerLink(self.ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
-                               config.heartbeat_liveness, now(), secure=client_security(config),
-                               faults=_link_faults(config))
+        self.secure = client_security(config)
+        t = now()
+        self.link = self._connect(t)
+        self.status_sock = make_router(self.ctx, status_endpoint(config), mandatory=False)
+        self.status_out = Outbox(self.status_sock, encode)
+        self.bandwidth = Bandwidth(config.limit, config.schedule, config.yield_target_ms, t)
+        self.wire = WireScheduler(config.wire_window, t)
+        self.rate: int | None = None
         self.queue: deque = deque()  # PendingSnapshot, most urgent first
-        self.queued_keys: set = set()
         self.active: dict[int, Upload] = {}  # by serial
         self.by_req: dict[int, Upload] = {}
         self.by_transfer: dict[str, Upload] = {}
-        self.hashers: dict[int, ImageHasher] = {}
-        self.results: dict[tuple, dict] = {}  # (dataset, snapshot) -> summary of the last attempt
-        self.attempts: dict[tuple, int] = {}
-        self.carry: dict[tuple, dict] = {}  # counters of failed attempts, added to the summary
-        self.retry_at: dict[tuple, float] = {}
-        self.parked_since: dict[tuple, float] = {}
+        self.outcomes = Outcomes(once, config.park_timeout_ms / 1000)
         self.serials = itertools.count(1)
+        self.pings = itertools.count(1)
         self.progress = Progress()
         self.next_scan = 0.0
-        self.unanswered_since: float | None = now()  # no WELCOME since then
-        self.resuming: set = set()
+        self.next_limit_check = 0.0
+        self.wire_wait_until = 0.0
+        self.unanswered_since: float | None = t  # no WELCOME since then
+        self.resuming = self._interrupted_uploads()
+        self.scanned_once = False
+
+    # --- connection -----------------------------------------------------------
+
+    def _connect(self, t: float) -> BrokerLink:
+        endpoint = self.config.brokers[0]
+        if len(self.config.brokers) > 1:
+            endpoint = choose_endpoint(self.ctx, self.config, self.secure) or endpoint
+        return BrokerLink(self.ctx, endpoint, self.config.device_id, self.config.heartbeat_interval_ms / 1000,
+                          self.config.heartbeat_liveness, t, secure=self.secure, faults=_link_faults(self.config))
+
+    def _interrupted_uploads(self) -> set:
+        resuming = set()
         for dataset, snapshot, path in self.journal.interrupted():
             if os.path.exists(path):
-                self.resuming.add((dataset, snapshot))
+                resuming.add((dataset, snapshot))
                 logger.info("{}/{} was interrupted; it resumes from what the cloud holds", dataset, snapshot)
             else:
                 logger.warning("{}/{} was interrupted but {} has vanished; forgetting it", dataset, snapshot, path)
                 self.journal.forget_started(dataset, snapshot)
+        return resuming
 
-    # --- scheduling ---------------------------------------------------------
+    # --- scheduling -------------------------------------------------------------
 
     def rescan(self, t: float) -> None:
         self.next_scan = t + self.config.scan_interval_ms / 1000
-        active_keys = {u.pending.key for u in self.active.values()}
-        fresh = [p for p in scan(self.config.datasets, self.journal)
-                 if p.key not in active_keys and p.key not in self.queued_keys]
-        if self.once and self.results:
-            fresh = [p for p in fresh if p.key in self.results]
-        for p in fresh:
-            self.queue.append(p)
-            self.queued_keys.add(p.key)
-            self.results.setdefault(p.key, {"dataset": p.dataset.name, "snapshot": p.snapshot, "state": "queued"})
-        if fresh:
-            # interrupted uploads first within a priority (DESIGN: resume before new work)
-            self.queue = deque(sorted(self.queue, key=lambda p: (p.dataset.priority, p.key not in self.resuming,
-                                                                 p.order())))
+        busy = {u.pending.key for u in self.active.values()}
+        pending = [p for p in scan(self.config.datasets, self.journal) if p.key not in busy]
+        if self.once and self.scanned_once:
+            pending = [p for p in pending if p.key in self.outcomes.results]  # --once: only what was pending at start
+        self.scanned_once = True
+        decided = plan(pending, self.resuming, self.journal.datasets_with_commits(), self.config.action_order)
+        for p in decided.skipped:
+            why = "catch_up: latest replicates only the newest snapshot"
+            self.journal.record_skipped(p.dataset.name, p.snapshot, why)
+            self.outcomes.skipped(p.key, p.dataset.name, p.snapshot, why)
+            logger.info("skipping {}/{}: {}", p.dataset.name, p.snapshot, why)
+        for p in decided.ordered:
+            self.outcomes.queued(p.key, p.dataset.name, p.snapshot)
+        self.queue = deque(decided.ordered)
 
     def start_uploads(self, t: float) -> None:
         if not self.link.welcomed:
             return
-        deferred = []
         # One snapshot per dataset at a time: an incremental waits for its
         # predecessor, whose chunks it will then not need to send.
         busy = {u.pending.dataset.name for u in self.active.values()}
-        while self.queue and len(self.active) < self.config.max_active_transfers:
+        deferred = []
+        while self.queue:
             pending = self.queue.popleft()
-            if self.retry_at.get(pending.key, 0) > t or pending.dataset.name in busy:
+            if not self.outcomes.ready(pending.key, t) or pending.dataset.name in busy:
                 deferred.append(pending)
                 continue
+            active_priorities = [u.pending.dataset.priority for u in self.active.values()]
+            if len(self.active) >= self.config.max_active_transfers and not may_preempt(pending, active_priorities):
+                deferred.append(pending)
+                break
             busy.add(pending.dataset.name)
-            self.queued_keys.discard(pending.key)
-            self._start(pending, t)
+            self._start(pending)
         self.queue.extendleft(reversed(deferred))
 
-    def _start(self, pending, t: float) -> None:
+    def _start(self, pending) -> None:
         serial = next(self.serials)
-        hasher = self.hashers[serial] = ImageHasher()
+        hasher = ImageHasher()
 
         def submit(key, fn, *args):
             self.work.submit((serial, *key), fn, *args)
@@ -120,20 +155,58 @@ class Agent:
 
         upload = Upload(pending, submit, self._send, hash_image, compress_level=self.config.compress_level)
         self.active[serial] = upload
-        req = serial
-        self.by_req[req] = upload
-        self.attempts[pending.key] = self.attempts.get(pending.key, 0) + 1
+        self.by_req[serial] = upload
+        self.wire.add(serial, upload, pending.dataset.weight)
+        self.outcomes.started(pending.key)
         self.journal.record_started(pending.dataset.name, pending.snapshot, pending.path)
         logger.info("offering {}/{} ({} bytes)", pending.dataset.name, pending.snapshot, pending.size)
-        self._send(upload.offer(req))
+        self._send(upload.offer(serial))
 
     def _send(self, message) -> None:
         self.link.send(message, now())
 
-    # --- events ---------------------------------------------------------------
+    # --- bandwidth ----------------------------------------------------------------
+
+    def apply_limit(self, t: float) -> None:
+        if t < self.next_limit_check and self.bandwidth.yielding is None:
+            return
+        self.next_limit_check = t + 0.5
+        rate = self.bandwidth.current(t)
+        if rate != self.rate:
+            if self.bandwidth.yielding is None:
+                logger.info("bandwidth limit now {} (set by {})", self.bandwidth.describe(rate)["limit"],
+                            self.bandwidth.set_by)
+            self.rate = rate
+            self.wire.set_rate(rate, t)
+        yielding = self.bandwidth.yielding
+        if yielding is not None and yielding.probe_due(t) and self.link.welcomed:
+            yielding.probe_sent(t)
+            self.link.send(make("PING", seq=next(self.pings), sent_us=int(t * 1e6)), t)
+
+    def reload(self) -> None:
+        """SIGHUP: apply the config file's limit, schedule and dataset settings live."""
+        if self.config_path is None:
+            return
+        try:
+            fresh = cfg.load(AgentConfig, self.config_path)
+        except cfg.ConfigError as exc:
+            logger.error("reload refused, keeping the running config: {}", exc)
+            return
+        self.config = fresh
+        self.bandwidth.reconfigure(fresh.limit, fresh.schedule, fresh.yield_target_ms)
+        self.next_limit_check = 0.0
+        self.next_scan = 0.0
+        logger.info("config reloaded from {}", self.config_path)
+
+    # --- events ---------------------------------------------------------------------
 
     def on_message(self, msg) -> None:
         if msg.t in ("WELCOME", "HEARTBEAT"):
+            return
+        if msg.t == "PONG":
+            if self.bandwidth.yielding is not None:
+                t = now()
+                self.bandwidth.yielding.on_rtt(t - msg["sent_us"] / 1e6, t)
             return
         if msg.t == "ERROR" and msg["code"] == "not_registered":
             # the broker restarted and forgot us: our transfers are gone with it
@@ -166,7 +239,8 @@ class Agent:
         elif msg.t == "CREDIT":
             upload.on_credit(msg["bytes"])
         elif msg.t == "STORED":
-            upload.on_stored(msg["hash"], msg["raw_len"])
+            upload.on_stored(msg["hash"], msg["raw_len"], msg["wire_len"])
+            self.wire.acknowledged(msg["wire_len"])
         elif msg.t == "COMMITTED":
             upload.on_committed(msg["image_blake3"])
         elif msg.t == "ERROR" and msg["code"] in PARKING_CODES:
@@ -204,54 +278,37 @@ class Agent:
         if serial is None:
             return
         del self.active[serial]
-        self.hashers.pop(serial, None)
+        self.wire.remove(serial)
+        self.wire.acknowledged(upload.unacked_wire)
         self.by_transfer.pop(upload.transfer_id, None)
         for req in [r for r, u in self.by_req.items() if u is upload]:
             del self.by_req[req]
         key = upload.pending.key
-        summary = upload.summary()
-        carried = self.carry.get(key, {})
-        for field in ("chunks_sent", "bytes_read", "bytes_sent"):
-            summary[field] += carried.get(field, 0)
-        summary["seconds"] = round(summary["seconds"] + carried.get("seconds", 0.0), 3)
-        self.results[key] = summary
-        if upload.state == "committed":
+        t = now()
+        after = self.outcomes.settle(key, upload.summary(), upload.state, upload.reason,
+                                     os.path.exists(upload.pending.path), t)
+        if after.action == "done":
             self.journal.record_committed(key[0], key[1], upload.image_blake3, upload.image_size)
-            self.carry.pop(key, None)
-            self.parked_since.pop(key, None)
+            self.resuming.discard(key)
+            summary = self.outcomes.results[key]
             logger.info("committed {}/{}: {} chunks sent, {} bytes on the wire", key[0], key[1],
                         summary["chunks_sent"], summary["bytes_sent"])
-            return
-        self.carry[key] = {f: summary[f] for f in ("chunks_sent", "bytes_read", "bytes_sent", "seconds")}
-        if not os.path.exists(upload.pending.path):
-            # deleted on the appliance (its retention) while we worked: nothing left to send
+        elif after.action == "drop":
             logger.warning("{}/{} vanished from {}; dropping it", key[0], key[1], upload.pending.path)
-            summary["state"] = "vanished"
             self.journal.forget_started(key[0], key[1])
-            self.parked_since.pop(key, None)
-            return
-        if upload.state == "parked":
-            self.attempts[key] = self.attempts.get(key, 1) - 1  # not the snapshot's fault
-            since = self.parked_since.setdefault(key, now())
-            if self.once and now() - since > self.config.park_timeout_ms / 1000:
-                summary["state"] = "failed"
-                logger.error("{}/{} parked for {:.0f}s, giving up: {}", key[0], key[1], now() - since, upload.reason)
-                return
-            logger.warning("{}/{} parked ({}); offering again in {:.0f}s", key[0], key[1], upload.reason,
-                           PARK_RETRY_S)
-            self.retry_at[key] = now() + PARK_RETRY_S
+        elif after.action == "give_up":
+            logger.error("{}/{}: giving up: {}", key[0], key[1], after.why)
+        else:
+            logger.warning("{}/{} {} ({}); offering again in {:.1f}s", key[0], key[1], upload.state, after.why,
+                           after.at - t)
             self.queue.appendleft(upload.pending)
-            self.queued_keys.add(key)
-            return
-        attempts = self.attempts.get(key, 0)
-        if self.once and attempts >= MAX_ATTEMPTS_ONCE:
-            logger.error("{}/{} failed after {} attempts: {}", key[0], key[1], attempts, upload.reason)
-            return
-        delay = min(30.0, 0.5 * 2 ** attempts)
-        logger.warning("{}/{} failed ({}); retrying in {:.1f}s", key[0], key[1], upload.reason, delay)
-        self.retry_at[key] = now() + delay
-        self.queue.appendleft(upload.pending)
-        self.queued_keys.add(key)
+
+    def on_broker_lost(self) -> None:
+        # Not the snapshots' fault: park them; they are offered again once a
+        # broker welcomes us, and only what the cloud lacks travels again.
+        for upload in list(self.active.values()):
+            upload.park("broker connection lost")
+            self._finished(upload)
 
     def watch_replies(self, t: float) -> None:
         """The agent's watchdog: an upload the cloud has gone silent about
@@ -267,23 +324,35 @@ class Agent:
         for upload in list(self.active.values()):
             upload.fail(reason)
             self._finished(upload)
-        for key, result in self.results.items():
-            if result.get("state") != "committed":
-                result["state"], result["reason"] = "failed", reason
+        self.outcomes.fail_all(reason)
         self.queue.clear()
 
-    def on_broker_lost(self) -> None:
-        # Not the snapshots' fault: park them; they are offered again once a
-        # broker welcomes us, and only what the cloud lacks travels again.
-        for upload in list(self.active.values()):
-            upload.park("broker connection lost")
-            self._finished(upload)
+    # --- status socket ------------------------------------------------------------------
 
-    # --- loop -------------------------------------------------------------------
+    def on_status_request(self) -> None:
+        for _ in range(64):
+            try:
+                frames = recv_frames(self.status_sock)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            routing = frames[0].bytes
+            try:
+                msg = decode(frames[1:])
+                if msg.t != "STATUS":
+                    raise RequestError(f"{msg.t} is not a status request", "unknown_type")
+                doc = agent_status(self, now())
+                self.status_out.send(make("STATUS_REPLY", status=doc), routing)
+            except (RemoteProtocolError, RequestError) as exc:
+                self.status_out.send(error_message(exc), routing)
+
+    # --- loop ---------------------------------------------------------------------------
 
     def run(self, stop: StopFlag) -> int:
         poller = zmq.Poller()
         poller.register(self.link.sock, zmq.POLLIN)
+        poller.register(self.status_sock, zmq.POLLIN)
         poller.register(self.work.fileno, zmq.POLLIN)
         poller.register(self.image.fileno, zmq.POLLIN)
         self.rescan(now())
@@ -291,11 +360,24 @@ class Agent:
             while not stop.stopping:
                 if self.once and not self.active and not self.queue:
                     break
-                events = dict(poller.poll(MAX_POLL_MS))
+                if stop.reload_requested:
+                    stop.reload_requested = False
+                    self.reload()
+                t = now()
+                timeout_ms = MAX_POLL_MS
+                if self.wire_wait_until > t:
+                    timeout_ms = max(1, min(timeout_ms, int((self.wire_wait_until - t) * 1000)))
+                events = dict(poller.poll(timeout_ms))
                 t = now()
                 if self.link.sock in events:
                     for msg in self.link.receive(t):
                         self.on_message(msg)
+                for pool in (self.image, self.work):
+                    if pool.fileno in events:
+                        for key, result, error in pool.done():
+                            self.on_task(key, result, error)
+                if self.status_sock in events:
+                    self.on_status_request()
                 if self.link.welcomed:
                     self.unanswered_since = None
                 elif self.unanswered_since is None:
@@ -304,34 +386,33 @@ class Agent:
                     self.give_up(f"no broker answered at {self.link.endpoint} for "
                                  f"{self.config.connect_timeout_ms / 1000:.0f}s")
                     break
-                for pool in (self.image, self.work):
-                    if pool.fileno in events:
-                        for key, result, error in pool.done():
-                            self.on_task(key, result, error)
                 if not self.link.tick(t):
                     logger.warning("broker {} silent; reconnecting", self.link.endpoint)
                     self.on_broker_lost()
                     poller.unregister(self.link.sock)
-                    self.link.connect(t)
-                    self.link.liveness.heard(t + self.link.backoff.next_delay())
+                    backoff = self.link.backoff
+                    self.link.close(say_bye=False)
+                    self.link = self._connect(t)
+                    self.link.backoff = backoff
+                    self.link.liveness.heard(t + backoff.next_delay())
                     poller.register(self.link.sock, zmq.POLLIN)
                 self.watch_replies(t)
                 if not self.once and t >= self.next_scan:
                     self.rescan(t)
                 self.start_uploads(t)
+                self.apply_limit(t)
+                wait = self.wire.pump(t, MAX_PIECE)
+                self.wire_wait_until = t + wait if wait else 0.0
                 self.progress.show(t, [(f"{u.pending.dataset.name}/{u.pending.snapshot}", *u.progress(),
                                         t - u.started_at) for u in self.active.values()])
         finally:
             self.link.close()
+            self.status_sock.close(linger=0)
             self.work.close()
             self.image.close()
             self.journal.close()
             self.ctx.term()
-        failed = [r for r in self.results.values() if r.get("state") not in ("committed", "vanished")]
-        return 1 if failed else 0
-
-    def summary(self) -> dict:
-        return {"transfers": list(self.results.values())}
+        return 1 if self.outcomes.failures() else 0
 
 
 def _link_faults(config: AgentConfig) -> LinkFaults | None:
@@ -348,17 +429,35 @@ def _hash_step(hasher: ImageHasher, pieces: list, final: bool):
     return hasher.digest() if final else None
 
 
-def run_agent(config: AgentConfig, once: bool, as_json: bool) -> int:
+def run_agent(config: AgentConfig, once: bool, as_json: bool, config_path: str | None = None) -> int:
     stop = StopFlag().install()
-    agent = Agent(config, once=once)
+    agent = Agent(config, once=once, config_path=config_path)
     code = agent.run(stop)
     if as_json:
-        json.dump(agent.summary(), sys.stdout)
+        json.dump(agent.outcomes.summary(), sys.stdout)
         sys.stdout.write("\n")
-    if once and code != 0:
-        failed = [r for r in agent.results.values() if r.get("state") not in ("committed", "vanished")]
+    failed = agent.outcomes.failures()
+    if once and failed:
         reasons = "; ".join(f"{r['dataset']}/{r['snapshot']}: {r.get('reason', r.get('state'))}" for r in failed)
         print(f"speedsync agent: {len(failed)} snapshot(s) not committed: {reasons}", file=sys.stderr)
     if stop.stopping and once:
         return 1
     return code
+
+
+def query_agent_status(config: AgentConfig, timeout_ms: int = 3000) -> dict:
+    """`speedsync agent --config F --status`: ask the running agent."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(status_endpoint(config))
+        sock.send_multipart(encode(make("STATUS")))
+        if not sock.poll(timeout_ms):
+            raise RequestError(f"no agent answers at {status_endpoint(config)} (is it running?)", "internal")
+        reply = decode(sock.recv_multipart())
+    finally:
+        sock.close()
+    if reply.t != "STATUS_REPLY":
+        raise RequestError(reply.get("reason", "unexpected answer"), "internal")
+    return dict(reply["status"])

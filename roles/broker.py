@@ -156,6 +156,9 @@ class Broker:
     def agent_HEARTBEAT(self, session, msg, frames) -> None:
         pass
 
+    def agent_PING(self, session, msg, frames) -> None:
+        self.front_out.send(make("PONG", seq=msg["seq"], sent_us=msg["sent_us"]), session.routing)
+
     def agent_BYE(self, session, msg, frames) -> None:
         self.drop_agent(session, "agent said BYE")
 
@@ -242,7 +245,7 @@ class Broker:
     def agent_CHUNK(self, session, msg, frames) -> None:
         t = self._owned(session, msg)
         node = self._node_of(t)
-        t.on_chunk_sent(msg["hash"], len(msg.payload[0]), msg["raw_len"])
+        t.on_chunk_sent(msg["hash"], len(msg.payload[0]), msg["raw_len"], msg.get("offset"), msg.get("total"))
         if not self.back_out.send_frames(list(frames), node.routing, msg.t):
             node.credit.release(t.on_chunk_done(msg["hash"], stored=False))
 

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="run an appliance agent")
     a.add_argument("--config", required=True)
     a.add_argument("--once", action="store_true", help="replicate what is pending now, then exit")
-    a.add_argument("--json", action="store_true", help="with --once: print a JSON summary")
+    a.add_argument("--json", action="store_true", help="with --once or --status: print JSON")
+    a.add_argument("--status", action="store_true", help="ask the running agent for its queues, transfers and limit")
     for name in ("status", "list"):
         s = sub.add_parser(name, help=f"ask the broker's status socket ({name})")
         s.add_argument("--broker", required=True, help="the broker's status endpoint, e.g. tcp://127.0.0.1:5552")
@@ -112,12 +113,18 @@ def _run(args) -> int:
         return run_storage(conf)
     if args.command == "agent":
         from roles.agent import run_agent
-        if args.json and not args.once:
-            print("speedsync agent: --json needs --once", file=sys.stderr)
+        if args.json and not (args.once or args.status):
+            print("speedsync agent: --json needs --once or --status", file=sys.stderr)
             return EXIT_USAGE
         conf = cfg.load(cfg.AgentConfig, args.config)
         setup_logging(conf.log_level, conf.log_json, conf.device_id)
-        return run_agent(conf, once=args.once, as_json=args.json)
+        if args.status:
+            from roles.agent import query_agent_status
+            from roles.appliance.render import render_agent_status
+            doc = query_agent_status(conf)
+            print(json.dumps(doc) if args.json else render_agent_status(doc))
+            return EXIT_OK
+        return run_agent(conf, once=args.once, as_json=args.json, config_path=args.config)
     if args.command in ("status", "list"):
         from roles import statusclient
         keys = None

@@ -16,7 +16,10 @@ from typing import Any
 
 import yaml
 
+from roles.appliance.schedule import parse_limit, parse_window
 from roles.units import parse_rate, parse_size
+
+ACTIONS = ("resume", "incremental", "full", "verify")
 from schemas import is_valid_id
 
 
@@ -75,6 +78,8 @@ class DatasetConfig:
     name: str = _kind("id", "")
     path: str = _kind("path", "")
     priority: int = _kind("int", 5, min=1)
+    weight: int = _kind("int", 1, min=1, max=1000)
+    catch_up: str = _kind("choice", "all", choices=("all", "latest"))
     chunk_size: int = _kind("size", 1024 * 1024, min=4096, max=16 * 1024 * 1024)
 
 
@@ -87,6 +92,13 @@ class AgentConfig:
     insecure: bool = _kind("bool", False)
     key_file: str = _kind("path", "")
     broker_key: str = _kind("path", "")
+    limit: object = _kind("limit", None)
+    schedule: tuple = _kind("schedule", ())
+    action_order: tuple = _kind("actions", ("resume", "incremental", "full", "verify"))
+    wire_window: int = _kind("size", 16 * 1024 * 1024, min=64 * 1024)
+    yield_target_ms: int = _kind("int", 25, min=1)
+    read_limit: int | None = _kind("rate", None)
+    status_bind: str = _kind("endpoint_or_empty", "")
     threads: int = _kind("int", 2, min=1)
     compress_level: int = _kind("int", 1, min=-5, max=22)
     max_active_transfers: int = _kind("int", 2, min=1)
@@ -124,6 +136,19 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"expected an integer, got {value!r}")
             parsed = value
+        elif kind == "limit":
+            parsed = parse_limit(value)
+        elif kind == "schedule":
+            if not isinstance(value, list):
+                raise ValueError("expected a list of windows like {days: mon-fri, from: '08:00', to: '18:00', "
+                                 "limit: 10Mbit}")
+            parsed = tuple(parse_window(item, i) for i, item in enumerate(value))
+        elif kind == "actions":
+            if (not isinstance(value, list) or sorted(value) != sorted(ACTIONS)):
+                raise ValueError(f"expected an ordering of {', '.join(ACTIONS)}")
+            parsed = tuple(value)
+        elif kind == "endpoint_or_empty":
+            parsed = _endpoint(value) if value else ""
         elif kind == "fraction":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"expected a number in [0, 1), got {value!r}")

@@ -51,7 +51,7 @@ def fetch_list(endpoint: str, device_id: str | None = None, timeout_ms: int = 50
     return ask(endpoint, make("LIST", **fields), timeout_ms, keys)["snapshots"]
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
+def table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
@@ -65,18 +65,18 @@ def render_status(status: dict) -> str:
         f"errors {b['errors_by_code'] or 'none'}",
         "",
         "storage nodes:",
-        _table(["node", "alive", "free", "used", "load", "credit out/window"],
+        table(["node", "alive", "free", "used", "load", "credit out/window"],
                [[n["node_id"], "yes" if n["alive"] else "NO", format_bytes(n["free_bytes"]),
                  format_bytes(n["used_bytes"]), n.get("load", 0),
                  f"{format_bytes(n['credit']['outstanding'])}/{format_bytes(n['credit']['window'])}"]
                 for n in status["storage"]]),
         "",
         "agents:",
-        _table(["device", "connected"], [[a["device_id"], "yes" if a["connected"] else "no"]
+        table(["device", "connected"], [[a["device_id"], "yes" if a["connected"] else "no"]
                                           for a in status["agents"]]),
         "",
         "transfers:",
-        _table(["transfer", "device", "dataset", "snapshot", "node", "state", "done/total", "sent"],
+        table(["transfer", "device", "dataset", "snapshot", "node", "state", "done/total", "sent"],
                [[t["transfer_id"], t["device_id"], t["dataset"], t["snapshot"], t["node_id"],
                  t["state"] + (f" ({t['reason']})" if t.get("reason") else ""),
                  f"{format_bytes(t['bytes_done'])}/{format_bytes(t['bytes_total'])}", format_bytes(t["bytes_sent"])]
@@ -86,6 +86,6 @@ def render_status(status: dict) -> str:
 
 
 def render_list(snapshots: list) -> str:
-    return _table(["device", "dataset", "snapshot", "node", "size", "blake3"],
+    return table(["device", "dataset", "snapshot", "node", "size", "blake3"],
                   [[s["device_id"], s["dataset"], s["snapshot"], s["node_id"], format_bytes(s["size"]),
                     s["blake3"][:16]] for s in snapshots])

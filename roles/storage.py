@@ -20,6 +20,7 @@ from bus.pipeline import TaskPool
 from bus.sockets import Outbox, make_dealer, recv_frames
 from roles.config import StorageConfig
 from roles.process import MAX_POLL_MS, StopFlag, client_security, now
+from roles.storenode.assembly import PieceAssembler
 from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.durable import remove_temp_files
 from roles.storenode.faults import DiskFaults
@@ -51,6 +52,7 @@ class StorageNode:
         self.pool = TaskPool(config.store_threads, name="store")
         self.image_pool = TaskPool(1, name="image")  # whole-image hashes, strictly in order
         self.uploads: dict[str, UploadSession] = {}
+        self.assembler = PieceAssembler()
         # device -> {chunk name: uploads asked to send it}: one device's
         # concurrent uploads never send the same chunk twice.
         self.device_in_flight: dict[str, dict] = {}
@@ -220,12 +222,16 @@ class StorageNode:
 
     def on_CHUNK(self, msg) -> None:
         session = self._upload(msg["transfer_id"])
-        name, raw_len, payload = msg["hash"], msg["raw_len"], msg.payload[0]
+        name, raw_len = msg["hash"], msg["raw_len"]
         try:
             session.expected_len(name, raw_len)
+            payload = self.assembler.add(session.transfer_id, name, msg.get("offset"), msg.get("total"),
+                                         msg.payload[0])
         except RequestError as exc:
             self.send_error(exc, ref="CHUNK", transfer_id=session.transfer_id, hash=name)
             return
+        if payload is None:
+            return  # more pieces to come
         wire_len = len(payload)
         self.pool.submit(("chunk", session.transfer_id, name, raw_len, wire_len),
                          self.chunks.put, name, raw_len, msg["codec"], payload)
@@ -283,6 +289,7 @@ class StorageNode:
     def _close_upload(self, tid: str) -> UploadSession | None:
         """Forget an upload, and that it was to send what it still awaits."""
         session = self.uploads.pop(tid, None)
+        self.assembler.forget(tid)
         if session is not None:
             self._release_in_flight(session.device_id, session.awaiting)
             self._recheck_waiting_commits(session.device_id)

@@ -18,6 +18,7 @@ from roles.appliance.restore import ImageWriter
 from roles.appliance.scanner import PendingSnapshot
 from roles.appliance.upload import Upload
 from roles.config import DatasetConfig
+from roles.storenode.assembly import PieceAssembler
 from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.manifests import ManifestStore
 from roles.storenode.ownership import DeviceChunks
@@ -37,6 +38,7 @@ class MemoryNode:
         self.owners = DeviceChunks(root)
         self.sessions = {}
         self.chunks_received = 0
+        self.assembler = PieceAssembler()
 
     def open(self, tid, device, upload):
         self.sessions[tid] = UploadSession(tid, device, upload.pending.dataset.name, upload.pending.snapshot,
@@ -49,11 +51,15 @@ class MemoryNode:
             return [("MISSING", msg["start"], missing)]
         if msg.t == "CHUNK":
             s.expected_len(msg["hash"], msg["raw_len"])
-            self.chunks.put(msg["hash"], msg["raw_len"], msg["codec"], msg.payload[0])
+            payload = self.assembler.add(s.transfer_id, msg["hash"], msg.get("offset"), msg.get("total"),
+                                         bytes(msg.payload[0]))
+            if payload is None:
+                return []
+            self.chunks.put(msg["hash"], msg["raw_len"], msg["codec"], payload)
             self.owners.add(s.device_id, msg["hash"])
             s.stored(msg["hash"])
             self.chunks_received += 1
-            return [("STORED", msg["hash"], msg["raw_len"])]
+            return [("STORED", msg["hash"], msg["raw_len"], len(payload))]
         if msg.t == "COMMIT":
             s.require_complete()
             s.image_blake3 = msg["image_blake3"]
@@ -79,9 +85,12 @@ def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, see
                     max_held_bytes=8 * CHUNK)
     upload.on_accept("t-" + snapshot, committed=False)
     node.open("t-" + snapshot, device, upload)
+    piece_limit = rng.choice([16 * 1024, 1 << 30])  # paced pieces, or whole chunks
     for _ in range(100000):
         if upload.finished:
             break
+        while upload.next_piece(piece_limit) is not None:  # the agent's WireScheduler, in short
+            upload.send_piece(piece_limit, 0.0)
         if image_tasks and rng.random() < 0.3:
             # the whole-image hasher is one thread: strictly in order
             result = _image_step(*image_tasks.popleft())
@@ -102,7 +111,7 @@ def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, see
                     upload.on_missing(reply[1], reply[2])
                     upload.on_credit(credit_step * max(1, len(reply[2])))
                 elif reply[0] == "STORED":
-                    upload.on_stored(reply[1], reply[2])
+                    upload.on_stored(reply[1], reply[2], reply[3])
                 else:
                     upload.on_committed(reply[1])
         elif image_tasks:

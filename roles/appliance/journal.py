@@ -19,6 +19,12 @@ CREATE TABLE IF NOT EXISTS in_progress (
     started_at REAL NOT NULL,
     PRIMARY KEY (dataset, snapshot)
 );
+CREATE TABLE IF NOT EXISTS skipped (
+    dataset TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (dataset, snapshot)
+);
 CREATE TABLE IF NOT EXISTS committed (
     dataset TEXT NOT NULL,
     snapshot TEXT NOT NULL,
@@ -44,6 +50,22 @@ class Journal:
 
     def committed_snapshots(self, dataset: str) -> set:
         return {r[0] for r in self.db.execute("SELECT snapshot FROM committed WHERE dataset=?", (dataset,))}
+
+    def settled_snapshots(self, dataset: str) -> set:
+        """Committed or deliberately skipped: nothing more to do for these."""
+        return self.committed_snapshots(dataset) | {
+            r[0] for r in self.db.execute("SELECT snapshot FROM skipped WHERE dataset=?", (dataset,))}
+
+    def record_skipped(self, dataset: str, snapshot: str, reason: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?)", (dataset, snapshot, reason))
+
+    def newest_committed(self, dataset: str) -> tuple | None:
+        """(snapshot, size, committed_at) of the dataset's newest committed snapshot."""
+        return self.db.execute("SELECT snapshot, size, committed_at FROM committed WHERE dataset=? "
+                               "ORDER BY snapshot DESC LIMIT 1", (dataset,)).fetchone()
+
+    def datasets_with_commits(self) -> set:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT dataset FROM committed")}
 
     def record_committed(self, dataset: str, snapshot: str, blake3: bytes | None, size: int) -> None:
         with self.db:

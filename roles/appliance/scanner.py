@@ -66,5 +66,5 @@ def scan(datasets, journal) -> list[PendingSnapshot]:
     """Every pending snapshot, most urgent first (priority, then oldest)."""
     pending = []
     for dataset in datasets:
-        pending.extend(scan_dataset(dataset, journal.committed_snapshots(dataset.name)))
+        pending.extend(scan_dataset(dataset, journal.settled_snapshots(dataset.name)))
     return sorted(pending, key=PendingSnapshot.order)

@@ -61,6 +61,8 @@ class Upload:
         self._compressing = 0
         self._ready: deque = deque()  # (name, raw_len, codec, payload)
         self._ready_bytes = 0
+        self._current: list | None = None  # [name, raw_len, codec, payload, offset] being sent in pieces
+        self.unacked_wire = 0  # payload bytes sent, not yet STORED (the agent's window)
         self._awaiting_stored: set = set()
         self._digest_requested = False
         # figures for the summary (DESIGN.md agent --once --json)
@@ -108,7 +110,6 @@ class Upload:
             self._held_bytes -= len(raw)
             self._compressing += 1
             self._submit(("compress", index), self._compress_named, name, raw)
-        self._send_ready()
         self._maybe_commit()
 
     def _compress_named(self, name: bytes, raw: bytes):
@@ -169,20 +170,47 @@ class Upload:
 
     def on_credit(self, nbytes: int) -> None:
         self.credit.grant(nbytes)
-        self.pump()
 
-    def _send_ready(self) -> None:
-        while self._ready and self.credit.can_spend(len(self._ready[0][3])):
+    # --- the wire (driven by the agent's WireScheduler) ---------------------
+
+    def next_piece(self, limit: int) -> int | None:
+        """Size of the next piece this upload could send now, or None."""
+        if self.state != "sending":
+            return None
+        if self._current is None:
+            if not self._ready:
+                return None
+            payload = self._ready[0][3]
+            size = min(limit, len(payload))
+        else:
+            payload, offset = self._current[3], self._current[4]
+            size = min(limit, len(payload) - offset)
+        return size if self.credit.can_spend(size) else None
+
+    def send_piece(self, limit: int, now: float) -> int:
+        if self._current is None:
             name, raw_len, codec, payload = self._ready.popleft()
             self._ready_bytes -= len(payload)
-            self.credit.try_spend(len(payload))
-            self._send(make("CHUNK", payload=[payload], transfer_id=self.transfer_id, hash=name,
-                            raw_len=raw_len, codec=codec))
+            self._current = [name, raw_len, codec, payload, 0]
+        name, raw_len, codec, payload, offset = self._current
+        size = min(limit, len(payload) - offset)
+        self.credit.try_spend(size)
+        piece = memoryview(payload)[offset:offset + size]
+        fields = {} if size == len(payload) else {"offset": offset, "total": len(payload)}
+        self._send(make("CHUNK", payload=[piece], transfer_id=self.transfer_id, hash=name, raw_len=raw_len,
+                        codec=codec, **fields))
+        self.bytes_sent += size
+        self.unacked_wire += size
+        self._current[4] = offset + size
+        if self._current[4] >= len(payload):
+            self._current = None
             self.chunks_sent += 1
-            self.bytes_sent += len(payload)
+        self.pump()
+        return size
 
-    def on_stored(self, name: bytes, raw_len: int) -> None:
+    def on_stored(self, name: bytes, raw_len: int, wire_len: int) -> None:
         self._awaiting_stored.discard(name)
+        self.unacked_wire = max(0, self.unacked_wire - wire_len)
         self.bytes_stored_raw += raw_len
         self._maybe_commit()
 
@@ -193,7 +221,8 @@ class Upload:
     def _maybe_commit(self) -> None:
         if (self.state == "sending" and self.image_blake3 is not None and self._next_query >= self.chunk_count
                 and not self._unanswered and not self._to_compress and not self._compressing
-                and not self._ready and not self._awaiting_stored and not self._hashing):
+                and not self._ready and self._current is None and not self._awaiting_stored
+                and not self._hashing):
             self.state = "committing"
             self._send(make("COMMIT", transfer_id=self.transfer_id, image_blake3=self.image_blake3))
 
@@ -218,6 +247,7 @@ class Upload:
         self.finished_at = self._clock()
         self._held.clear()
         self._ready.clear()
+        self._current = None
         self._to_compress.clear()
 
     @property

@@ -108,20 +108,29 @@ class Transfer:
         unsent_demand = self.demand - self.holding
         return max(0, min(room, unsent_demand))
 
-    def on_chunk_sent(self, name: bytes, wire_len: int, raw_len: int) -> None:
-        """The agent spent credit; raises credit_exceeded if it had not enough."""
+    def on_chunk_sent(self, name: bytes, wire_len: int, raw_len: int, offset: int | None = None,
+                      total: int | None = None) -> None:
+        """The agent spent credit on a chunk, or a piece of one; raises
+        credit_exceeded if it had not enough."""
         if wire_len > self.holding:
-            raise RequestError(f"chunk of {wire_len} bytes with {self.holding} bytes of credit", "credit_exceeded")
-        if wire_len > raw_len + 1024:
+            raise RequestError(f"{wire_len} payload bytes with {self.holding} bytes of credit", "credit_exceeded")
+        first = not offset
+        if (total if total is not None else wire_len) > raw_len + 1024:
             raise RequestError("payload larger than its raw length", "bad_field")
-        if name in self.in_flight:
+        if first and name in self.in_flight:
             raise RequestError("chunk already in flight", "bad_state")
+        if not first and name not in self.in_flight:
+            raise RequestError("a piece of a chunk that was not started", "bad_state")
         self.holding -= wire_len
-        self.demand = max(0, self.demand - raw_len)
-        self.in_flight[name] = (wire_len, raw_len)
+        if first:
+            self.demand = max(0, self.demand - raw_len)
+            self.in_flight[name] = (wire_len, raw_len)
+            self.chunks_received += 1
+        else:
+            sent, raw = self.in_flight[name]
+            self.in_flight[name] = (sent + wire_len, raw)
         self.in_flight_bytes += wire_len
         self.bytes_sent += wire_len
-        self.chunks_received += 1
 
     def on_chunk_done(self, name: bytes, stored: bool) -> int:
         """The node stored (or refused) a chunk; returns wire bytes to release."""

@@ -1,0 +1,47 @@
+"""The bandwidth limit in force: the config's `limit`, unless a schedule
+window says otherwise; `yield` hands the number to the YieldController."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from roles.appliance.schedule import YIELD, limit_at
+from roles.appliance.yielding import YieldController
+from roles.units import format_bytes
+
+
+class Bandwidth:
+    def __init__(self, limit, schedule: tuple, target_ms: int, now: float):
+        self.limit = limit
+        self.schedule = schedule
+        self.target_ms = target_ms
+        self.yielding: YieldController | None = None
+        self.set_by = "limit"
+        self.mode = None
+        self._now = now
+
+    def reconfigure(self, limit, schedule: tuple, target_ms: int) -> None:
+        self.limit, self.schedule, self.target_ms = limit, schedule, target_ms
+
+    def current(self, now: float, moment: dt.datetime | None = None) -> int | None:
+        """Bytes per second allowed now (None: unlimited)."""
+        moment = moment or dt.datetime.now()
+        mode, self.set_by = limit_at(self.schedule, self.limit, moment)
+        if mode == YIELD:
+            if self.yielding is None:
+                self.yielding = YieldController(now, target_s=self.target_ms / 1000)
+            self.mode = YIELD
+            return self.yielding.current_rate(now)
+        self.yielding = None
+        self.mode = mode
+        return mode
+
+    def describe(self, rate: int | None) -> dict:
+        text = ("yield" if self.mode == YIELD else "none" if rate is None
+                else f"{rate * 8 / 1e6:.1f} Mbit/s ({format_bytes(rate)}/s)")
+        doc = {"limit": text, "rate_bytes_per_s": rate, "set_by": self.set_by}
+        if self.yielding is not None:
+            doc["queue_delay_ms"] = round(self.yielding.queue_delay_s * 1000, 1)
+            base = self.yielding.base_delay_s
+            doc["base_delay_ms"] = None if base is None else round(base * 1000, 1)
+        return doc

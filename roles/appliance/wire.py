@@ -1,0 +1,81 @@
+"""Who sends next on the agent's one connection: weighted, paced, bounded.
+
+Theory of operation: every upload with a chunk ready and credit for it is a
+flow with a weight (its dataset's `weight`). Deficit round robin over the
+flows decides the order of pieces on the wire, so concurrent transfers share
+the link in proportion to their weights. Two limits hold for all flows
+together: the token bucket (the bandwidth limit in force, pacing each piece)
+and `window`, the payload bytes sent but not yet acknowledged, which keeps
+our own queue short so that order, not buffering, decides the shares.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from roles.appliance.ratelimit import TokenBucket
+
+QUANTUM = 256 * 1024  # bytes per unit of weight per round
+
+
+class WireScheduler:
+    def __init__(self, window: int, now: float, rate: int | None = None):
+        self.window = window
+        self.in_flight = 0
+        self.bucket = TokenBucket(rate, now)
+        self._flows: OrderedDict = OrderedDict()  # key -> [flow, weight, deficit]
+        self.sent_total = 0
+
+    def add(self, key, flow, weight: int) -> None:
+        # [flow, weight, deficit, in_turn]
+        self._flows[key] = [flow, max(1, weight), 0, False]
+
+    def remove(self, key) -> None:
+        self._flows.pop(key, None)
+
+    def acknowledged(self, nbytes: int) -> None:
+        self.in_flight = max(0, self.in_flight - nbytes)
+
+    def set_rate(self, rate: int | None, now: float) -> None:
+        self.bucket.set_rate(rate, now)
+
+    def pump(self, now: float, max_piece: int) -> float | None:
+        """Send what may go now. Returns seconds until the bucket allows more
+        (None when nothing waits on the bucket).
+
+        A flow offers `next_piece(limit) -> size or None` and `send_piece(limit, now)
+        -> bytes sent`.
+        """
+        piece_limit = self.bucket.piece_size(max_piece)
+        idle_in_a_row = 0
+        while self._flows and idle_in_a_row < len(self._flows):
+            key = next(iter(self._flows))
+            entry = self._flows[key]
+            flow, weight = entry[0], entry[1]
+            size = flow.next_piece(piece_limit)
+            if size is None:
+                entry[2], entry[3] = 0, False  # an idle flow banks no credit
+                self._flows.move_to_end(key)
+                idle_in_a_row += 1
+                continue
+            idle_in_a_row = 0
+            if not entry[3]:
+                entry[2] += QUANTUM * weight
+                entry[3] = True
+            while size is not None and entry[2] >= size:
+                if self.in_flight + size > self.window and self.in_flight > 0:
+                    return None  # resumes this flow's turn when acknowledgements free the window
+                wait = self.bucket.wait_s(size, now)
+                if wait > 0:
+                    return wait
+                sent = flow.send_piece(piece_limit, now)
+                self.bucket.spend(sent, now)
+                self.in_flight += sent
+                self.sent_total += sent
+                entry[2] -= sent
+                size = flow.next_piece(piece_limit)
+            entry[3] = False
+            if size is None:
+                entry[2] = 0
+            self._flows.move_to_end(key)
+        return None
