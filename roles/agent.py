@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
-import signal
 import sys
-import time
 from collections import deque
 
 import zmq
@@ -365,8 +364,8 @@ class Agent:
                     self.reload()
                 t = now()
                 timeout_ms = MAX_POLL_MS
-                if self.wire_wait_until > t:
-                    timeout_ms = max(1, min(timeout_ms, int((self.wire_wait_until - t) * 1000)))
+                if self.wire_wait_until:  # the bucket has tokens due: wake for them, even at once
+                    timeout_ms = max(0, min(timeout_ms, math.ceil((self.wire_wait_until - t) * 1000)))
                 events = dict(poller.poll(timeout_ms))
                 t = now()
                 if self.link.sock in events:

@@ -43,13 +43,16 @@ def parse_days(text: str) -> frozenset:
 
 
 def parse_clock(text) -> int:
-    """Minutes after midnight from 'HH:MM' (24:00 allowed as the end of the day)."""
+    """Seconds after midnight from 'HH:MM' or 'HH:MM:SS' (24:00 is the end of the day)."""
     try:
-        hours, minutes = str(text).split(":")
-        value = int(hours) * 60 + int(minutes)
+        parts = [int(p) for p in str(text).split(":")]
     except ValueError:
         raise ValueError(f"{text!r} is not a time like 08:00") from None
-    if not 0 <= value <= 24 * 60 or not 0 <= int(minutes) < 60:
+    if len(parts) not in (2, 3) or any(p < 0 for p in parts) or any(p >= 60 for p in parts[1:]):
+        raise ValueError(f"{text!r} is not a time like 08:00")
+    hours, minutes, seconds = (parts + [0])[:3]
+    value = hours * 3600 + minutes * 60 + seconds
+    if value > 24 * 3600:
         raise ValueError(f"{text!r} is not a time like 08:00")
     return value
 
@@ -57,19 +60,19 @@ def parse_clock(text) -> int:
 @dataclass(frozen=True)
 class Window:
     days: frozenset
-    start_min: int
-    end_min: int
+    start_s: int
+    end_s: int
     limit: object
     label: str
 
     def contains(self, moment: dt.datetime) -> bool:
-        minute = moment.hour * 60 + moment.minute
-        if self.start_min <= self.end_min:
-            return moment.weekday() in self.days and self.start_min <= minute < self.end_min
+        second = moment.hour * 3600 + moment.minute * 60 + moment.second
+        if self.start_s <= self.end_s:
+            return moment.weekday() in self.days and self.start_s <= second < self.end_s
         # over midnight: the part after midnight belongs to the previous day's window
-        if minute >= self.start_min:
+        if second >= self.start_s:
             return moment.weekday() in self.days
-        return minute < self.end_min and (moment.weekday() - 1) % 7 in self.days
+        return second < self.end_s and (moment.weekday() - 1) % 7 in self.days
 
 
 def parse_window(item: dict, index: int) -> Window:
