@@ -33,7 +33,8 @@ from roles.appliance.link import BrokerLink
 from roles.appliance.outcomes import Outcomes
 from roles.appliance.planner import may_preempt, plan
 from roles.appliance.progress import Progress
-from roles.appliance.scanner import scan
+from roles.appliance import cbt
+from roles.appliance.scanner import scan, scan_ids
 from roles.appliance.status import agent_status
 from roles.appliance.upload import Upload
 from roles.appliance.wire import WireScheduler
@@ -57,6 +58,7 @@ class Agent:
         self.config_path = config_path
         self.once = once
         self.journal = Journal(config.state_dir)
+        self.names = cbt.NamesStore(config.state_dir)
         self.work = TaskPool(config.threads, name="work")
         self.image = TaskPool(1, name="image")
         self.ctx = zmq.Context()
@@ -152,7 +154,8 @@ class Agent:
         def hash_image(pieces, final):
             self.image.submit((serial, "image"), _hash_step, hasher, pieces, final)
 
-        upload = Upload(pending, submit, self._send, hash_image, compress_level=self.config.compress_level)
+        upload = Upload(pending, submit, self._send, hash_image, compress_level=self.config.compress_level,
+                        known=self._unchanged_chunks(pending))
         self.active[serial] = upload
         self.by_req[serial] = upload
         self.wire.add(serial, upload, pending.dataset.weight)
@@ -160,6 +163,22 @@ class Agent:
         self.journal.record_started(pending.dataset.name, pending.snapshot, pending.path)
         logger.info("offering {}/{} ({} bytes)", pending.dataset.name, pending.snapshot, pending.size)
         self._send(upload.offer(serial))
+
+    def _unchanged_chunks(self, pending) -> dict | None:
+        """Changed-block tracking: names of chunks the .changes sidecar says did not change."""
+        if not os.path.exists(os.path.splitext(pending.path)[0] + cbt.SUFFIX):
+            return None
+        name = pending.dataset.name
+        previous = self.journal.previous_committed(name, pending.snapshot)
+        between = previous is not None and any(
+            previous < other < pending.snapshot
+            for other in scan_ids(pending.dataset) | self.journal.settled_snapshots(name))
+        known, why = cbt.known_names(pending, previous, between, self.names)
+        if known is None:
+            logger.info("{}/{}: reading the whole image ({})", name, pending.snapshot, why)
+        else:
+            logger.info("{}/{}: reading only changed chunks ({})", name, pending.snapshot, why)
+        return known
 
     def _send(self, message) -> None:
         self.link.send(message, now())
@@ -288,6 +307,8 @@ class Agent:
                                      os.path.exists(upload.pending.path), t)
         if after.action == "done":
             self.journal.record_committed(key[0], key[1], upload.image_blake3, upload.image_size)
+            if len(upload.names) == upload.chunk_count:
+                self.names.save(key[0], key[1], upload.chunk_size, upload.image_size, upload.names)
             self.resuming.discard(key)
             summary = self.outcomes.results[key]
             logger.info("committed {}/{}: {} chunks sent, {} bytes on the wire", key[0], key[1],

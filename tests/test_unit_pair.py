@@ -5,6 +5,7 @@ the protocol logic end to end: only missing chunks travel, within credit,
 de-duplicated per device, and the committed manifest rebuilds the image.
 """
 
+import dataclasses
 import os
 import random
 from collections import deque
@@ -64,13 +65,14 @@ class MemoryNode:
             s.require_complete()
             s.image_blake3 = msg["image_blake3"]
             manifest = s.manifest()
-            verify_image(self.chunks, manifest)
+            digest = verify_image(self.chunks, manifest)  # computes it when the agent sent none (CBT)
+            manifest = dataclasses.replace(manifest, image_blake3=digest)
             self.manifests.save(manifest)
             return [("COMMITTED", manifest.image_blake3)]
         raise AssertionError(msg.t)
 
 
-def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, seed=0):
+def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, seed=0, known=None):
     rng = random.Random(seed)
     tasks, wire, image_tasks = deque(), deque(), deque()
     hasher = ImageHasher()
@@ -82,7 +84,7 @@ def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, see
 
     upload = Upload(pending, lambda key, fn, *a: tasks.append((key, fn, a)), send,
                     lambda pieces, final: image_tasks.append((hasher, pieces, final)),
-                    max_held_bytes=8 * CHUNK)
+                    max_held_bytes=8 * CHUNK, known=known)
     upload.on_accept("t-" + snapshot, committed=False)
     node.open("t-" + snapshot, device, upload)
     piece_limit = rng.choice([16 * 1024, 1 << 30])  # paced pieces, or whole chunks
@@ -204,3 +206,25 @@ def test_damaged_chunk_makes_restore_fail_without_output(tmp_path):
         finally:
             assert not out.exists()
     assert not any(p.name.endswith(".restoring") for p in tmp_path.iterdir())
+
+
+def test_changed_block_tracking_reads_only_changed_chunks(tmp_path):
+    node = MemoryNode(tmp_path / "node")
+    img = tmp_path / "s1.img"
+    write_image(img, 40, 11)
+    first = run_upload(node, "dev", "ds", str(img), "s1")
+    data = bytearray(img.read_bytes())
+    changed = {4, 17}
+    for index in changed:
+        data[index * CHUNK + 7] ^= 0x01
+    img2 = tmp_path / "s2.img"
+    img2.write_bytes(bytes(data))
+    known = {i: name for i, name in enumerate(first.names) if i not in changed and i < 40}
+    second = run_upload(node, "dev", "ds", str(img2), "s2", known=known)
+    assert second.chunks_sent == 2
+    # the changed chunks and the short tail chunk (not in `known`) are read: nothing else
+    assert second.bytes_read == 2 * CHUNK + 1000
+    out = tmp_path / "out.img"
+    restore_from(node, "dev", "ds", "s2", out)
+    assert out.read_bytes() == bytes(data)
+    assert node.manifests.load("dev", "ds", "s2").image_blake3 == blake3.blake3(bytes(data)).digest()

@@ -26,12 +26,20 @@ def zeros(n: int) -> bytes:
     return block
 
 
-def read_and_hash(path: str, start: int, count: int, chunk_size: int, image_size: int) -> list:
-    """[(index, name or None for all-zero, raw bytes or None)] for chunks [start, start+count)."""
+def read_and_hash(path: str, start: int, count: int, chunk_size: int, image_size: int,
+                  known: dict | None = None) -> list:
+    """[(index, name or None for all-zero, raw bytes or None)] for chunks [start, start+count).
+
+    Chunks in `known` (changed-block tracking: unchanged since a committed
+    snapshot) are not read; they come back with their known name and no bytes.
+    """
     out = []
     fd = os.open(path, os.O_RDONLY)
     try:
         for index in range(start, start + count):
+            if known is not None and index in known:
+                out.append((index, known[index], None))
+                continue
             offset = index * chunk_size
             length = min(chunk_size, image_size - offset)
             raw = os.pread(fd, length, offset)
@@ -44,6 +52,17 @@ def read_and_hash(path: str, start: int, count: int, chunk_size: int, image_size
     finally:
         os.close(fd)
     return out
+
+
+def read_chunk(path: str, index: int, chunk_size: int, image_size: int) -> bytes:
+    offset = index * chunk_size
+    length = min(chunk_size, image_size - offset)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(length)
+    if len(raw) != length:
+        raise OSError(f"{path} is shorter than announced")
+    return raw
 
 
 def compress(raw: bytes, level: int) -> tuple[str, bytes]:

@@ -64,6 +64,11 @@ class Journal:
         return self.db.execute("SELECT snapshot, size, committed_at FROM committed WHERE dataset=? "
                                "ORDER BY snapshot DESC LIMIT 1", (dataset,)).fetchone()
 
+    def previous_committed(self, dataset: str, snapshot: str) -> str | None:
+        row = self.db.execute("SELECT snapshot FROM committed WHERE dataset=? AND snapshot<? "
+                              "ORDER BY snapshot DESC LIMIT 1", (dataset, snapshot)).fetchone()
+        return row[0] if row else None
+
     def datasets_with_commits(self) -> set:
         return {r[0] for r in self.db.execute("SELECT DISTINCT dataset FROM committed")}
 

@@ -68,3 +68,12 @@ def scan(datasets, journal) -> list[PendingSnapshot]:
     for dataset in datasets:
         pending.extend(scan_dataset(dataset, journal.settled_snapshots(dataset.name)))
     return sorted(pending, key=PendingSnapshot.order)
+
+
+def scan_ids(dataset: DatasetConfig) -> set:
+    """Every snapshot id present in a dataset's directory, committed or not."""
+    try:
+        return {e.name[: -len(SUFFIX)] for e in os.scandir(dataset.path)
+                if e.name.endswith(SUFFIX) and is_valid_id(e.name[: -len(SUFFIX)])}
+    except FileNotFoundError:
+        return set()

@@ -18,9 +18,11 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import blake3
+
 from bus.credit import SendCredit
 from bus.errors import RequestError
-from roles.appliance.chunker import compress, read_and_hash
+from roles.appliance.chunker import compress, read_and_hash, read_chunk
 from roles.appliance.scanner import PendingSnapshot
 from schemas import make
 
@@ -30,7 +32,7 @@ MAX_HASH_BATCHES_IN_FLIGHT = 4
 
 class Upload:
     def __init__(self, pending: PendingSnapshot, submit, send, hash_image, compress_level: int = 1,
-                 max_held_bytes: int = 48 * 1024 * 1024, clock=time.monotonic):
+                 max_held_bytes: int = 48 * 1024 * 1024, clock=time.monotonic, known: dict | None = None):
         self.pending = pending
         self.chunk_size = pending.dataset.chunk_size
         self.image_size = pending.size
@@ -38,6 +40,10 @@ class Upload:
         self._submit = submit
         self._send = send
         self._hash_image = hash_image  # callable(pieces, final: bool) on the ordered hasher
+        # changed-block tracking: {index: name} of chunks not read; then the
+        # node computes the image's blake3 (we never see every byte)
+        self.known = known
+        self.names: list = []  # the manifest in order, kept for the next snapshot's CBT
         self.compress_level = compress_level
         self.max_held_bytes = max_held_bytes
         self._clock = clock
@@ -101,18 +107,25 @@ class Upload:
                and self._held_bytes + self._hashing * BATCH_CHUNKS * self.chunk_size < self.max_held_bytes):
             count = min(BATCH_CHUNKS, self.chunk_count - self._next_batch)
             self._submit(("hash", self._next_batch), read_and_hash, self.pending.path, self._next_batch, count,
-                         self.chunk_size, self.image_size)
+                         self.chunk_size, self.image_size, self.known)
             self._next_batch += count
             self._hashing += 1
         while self._to_compress and self._compressing + len(self._ready) < MAX_HASH_BATCHES_IN_FLIGHT * 2:
             index, name = self._to_compress.popleft()
-            raw = self._held.pop(index)
-            self._held_bytes -= len(raw)
+            raw = self._held.pop(index, None)
+            if raw is not None:
+                self._held_bytes -= len(raw)
+            else:  # a chunk CBT did not read, and the cloud lacks after all
+                self.bytes_read += self._chunk_len(index)
             self._compressing += 1
-            self._submit(("compress", index), self._compress_named, name, raw)
+            self._submit(("compress", index), self._compress_named, name, raw, index)
         self._maybe_commit()
 
-    def _compress_named(self, name: bytes, raw: bytes):
+    def _compress_named(self, name: bytes, raw: bytes | None, index: int):
+        if raw is None:
+            raw = read_chunk(self.pending.path, index, self.chunk_size, self.image_size)
+            if blake3.blake3(raw).digest() != name:
+                raise OSError(f"chunk {index} changed but the .changes sidecar did not say so")
         codec, payload = compress(raw, self.compress_level)
         return name, len(raw), codec, payload
 
@@ -130,13 +143,15 @@ class Upload:
                     self._held[index] = raw
                     self._held_bytes += len(raw)
                     self.bytes_read += len(raw)
-                else:
-                    self.bytes_read += length
-            self._hash_image(pieces, False)
+                elif self.known is None or index not in self.known:
+                    self.bytes_read += length  # read, and found all zero
+            self.names.extend(names)
+            if self.known is None:
+                self._hash_image(pieces, False)
             self._send(make("QUERY", transfer_id=self.transfer_id, start=self._next_query, hashes=names))
             self._unanswered.append((self._next_query, names))
             self._next_query += len(batch)
-        if self._next_query >= self.chunk_count and not self._digest_requested:
+        if self._next_query >= self.chunk_count and not self._digest_requested and self.known is None:
             self._digest_requested = True
             self._hash_image([], True)
         self.pump()
@@ -219,7 +234,8 @@ class Upload:
         self._maybe_commit()
 
     def _maybe_commit(self) -> None:
-        if (self.state == "sending" and self.image_blake3 is not None and self._next_query >= self.chunk_count
+        hashed = self.image_blake3 is not None or self.known is not None
+        if (self.state == "sending" and hashed and self._next_query >= self.chunk_count
                 and not self._unanswered and not self._to_compress and not self._compressing
                 and not self._ready and self._current is None and not self._awaiting_stored
                 and not self._hashing):
