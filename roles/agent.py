@@ -22,6 +22,7 @@ from loguru import logger
 
 from bus.errors import RemoteProtocolError, RequestError
 from bus.linkfaults import LinkFaults
+from bus.pacing import BlockingPacer
 from bus.pipeline import TaskPool
 from bus.sockets import Outbox, make_router, recv_frames
 from roles import config as cfg
@@ -59,6 +60,7 @@ class Agent:
         self.once = once
         self.journal = Journal(config.state_dir)
         self.names = cbt.NamesStore(config.state_dir)
+        self.read_pacer = BlockingPacer(config.read_limit)
         self.work = TaskPool(config.threads, name="work")
         self.image = TaskPool(1, name="image")
         self.ctx = zmq.Context()
@@ -155,7 +157,7 @@ class Agent:
             self.image.submit((serial, "image"), _hash_step, hasher, pieces, final)
 
         upload = Upload(pending, submit, self._send, hash_image, compress_level=self.config.compress_level,
-                        known=self._unchanged_chunks(pending))
+                        known=self._unchanged_chunks(pending), read_pacer=self.read_pacer)
         self.active[serial] = upload
         self.by_req[serial] = upload
         self.wire.add(serial, upload, pending.dataset.weight)

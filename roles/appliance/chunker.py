@@ -27,7 +27,7 @@ def zeros(n: int) -> bytes:
 
 
 def read_and_hash(path: str, start: int, count: int, chunk_size: int, image_size: int,
-                  known: dict | None = None) -> list:
+                  known: dict | None = None, pacer=None) -> list:
     """[(index, name or None for all-zero, raw bytes or None)] for chunks [start, start+count).
 
     Chunks in `known` (changed-block tracking: unchanged since a committed
@@ -42,6 +42,8 @@ def read_and_hash(path: str, start: int, count: int, chunk_size: int, image_size
                 continue
             offset = index * chunk_size
             length = min(chunk_size, image_size - offset)
+            if pacer is not None:
+                pacer.acquire(length)  # the appliance's read budget on its snapshot disk
             raw = os.pread(fd, length, offset)
             if len(raw) != length:
                 raise OSError(f"{path} is shorter than announced (read {len(raw)} of {length} at {offset})")
@@ -54,9 +56,11 @@ def read_and_hash(path: str, start: int, count: int, chunk_size: int, image_size
     return out
 
 
-def read_chunk(path: str, index: int, chunk_size: int, image_size: int) -> bytes:
+def read_chunk(path: str, index: int, chunk_size: int, image_size: int, pacer=None) -> bytes:
     offset = index * chunk_size
     length = min(chunk_size, image_size - offset)
+    if pacer is not None:
+        pacer.acquire(length)
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(length)

@@ -32,7 +32,8 @@ MAX_HASH_BATCHES_IN_FLIGHT = 4
 
 class Upload:
     def __init__(self, pending: PendingSnapshot, submit, send, hash_image, compress_level: int = 1,
-                 max_held_bytes: int = 48 * 1024 * 1024, clock=time.monotonic, known: dict | None = None):
+                 max_held_bytes: int = 48 * 1024 * 1024, clock=time.monotonic, known: dict | None = None,
+                 read_pacer=None):
         self.pending = pending
         self.chunk_size = pending.dataset.chunk_size
         self.image_size = pending.size
@@ -43,6 +44,7 @@ class Upload:
         # changed-block tracking: {index: name} of chunks not read; then the
         # node computes the image's blake3 (we never see every byte)
         self.known = known
+        self.read_pacer = read_pacer
         self.names: list = []  # the manifest in order, kept for the next snapshot's CBT
         self.compress_level = compress_level
         self.max_held_bytes = max_held_bytes
@@ -107,7 +109,7 @@ class Upload:
                and self._held_bytes + self._hashing * BATCH_CHUNKS * self.chunk_size < self.max_held_bytes):
             count = min(BATCH_CHUNKS, self.chunk_count - self._next_batch)
             self._submit(("hash", self._next_batch), read_and_hash, self.pending.path, self._next_batch, count,
-                         self.chunk_size, self.image_size, self.known)
+                         self.chunk_size, self.image_size, self.known, self.read_pacer)
             self._next_batch += count
             self._hashing += 1
         while self._to_compress and self._compressing + len(self._ready) < MAX_HASH_BATCHES_IN_FLIGHT * 2:
@@ -123,7 +125,7 @@ class Upload:
 
     def _compress_named(self, name: bytes, raw: bytes | None, index: int):
         if raw is None:
-            raw = read_chunk(self.pending.path, index, self.chunk_size, self.image_size)
+            raw = read_chunk(self.pending.path, index, self.chunk_size, self.image_size, self.read_pacer)
             if blake3.blake3(raw).digest() != name:
                 raise OSError(f"chunk {index} changed but the .changes sidecar did not say so")
         codec, payload = compress(raw, self.compress_level)

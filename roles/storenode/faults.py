@@ -19,6 +19,8 @@ import os
 import threading
 import time
 
+from bus.pacing import BlockingPacer
+
 
 class DiskFaults:
     def __init__(self, write_rate: int | None = None, fail_at_write: int = 0, capacity: int | None = None,
@@ -26,10 +28,8 @@ class DiskFaults:
         self.write_rate = write_rate
         self.fail_at_write = fail_at_write
         self.capacity = capacity
-        self._clock = clock
-        self._sleep = sleep
+        self._pacer = BlockingPacer(write_rate, clock, sleep)
         self._lock = threading.Lock()
-        self._next_free = 0.0
         self.writes = 0
         self.bytes_written = 0
 
@@ -45,11 +45,4 @@ class DiskFaults:
             if self.capacity is not None and self.bytes_written + nbytes > self.capacity:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             self.bytes_written += nbytes
-            wait = 0.0
-            if self.write_rate is not None:
-                now = self._clock()
-                start = max(now, self._next_free)
-                self._next_free = start + nbytes / self.write_rate
-                wait = self._next_free - now
-        if wait > 0:
-            self._sleep(wait)
+        self._pacer.acquire(nbytes)
