@@ -28,6 +28,7 @@ from bus.sockets import Outbox, make_router, recv_frames
 from roles import config as cfg
 from roles.appliance.bandwidth import Bandwidth
 from roles.appliance.chunker import ImageHasher
+from roles.appliance.effort import CompressionEffort
 from roles.appliance.endpoints import choose_endpoint
 from roles.appliance.journal import Journal
 from roles.appliance.link import BrokerLink
@@ -61,6 +62,7 @@ class Agent:
         self.journal = Journal(config.state_dir)
         self.names = cbt.NamesStore(config.state_dir)
         self.read_pacer = BlockingPacer(config.read_limit)
+        self.effort = CompressionEffort(config.compress_level, config.compress_adapt)
         self.work = TaskPool(config.threads, name="work")
         self.image = TaskPool(1, name="image")
         self.ctx = zmq.Context()
@@ -156,7 +158,7 @@ class Agent:
         def hash_image(pieces, final):
             self.image.submit((serial, "image"), _hash_step, hasher, pieces, final)
 
-        upload = Upload(pending, submit, self._send, hash_image, compress_level=self.config.compress_level,
+        upload = Upload(pending, submit, self._send, hash_image, compress_level=self.effort.level,
                         known=self._unchanged_chunks(pending), read_pacer=self.read_pacer)
         self.active[serial] = upload
         self.by_req[serial] = upload
@@ -202,6 +204,13 @@ class Agent:
         if yielding is not None and yielding.probe_due(t) and self.link.welcomed:
             yielding.probe_sent(t)
             self.link.send(make("PING", seq=next(self.pings), sent_us=int(t * 1e6)), t)
+
+    def adapt_effort(self, t: float) -> None:
+        if not self.active or not self.effort.due(t):
+            return
+        level = self.effort.update(t, *self.wire.take_counts())
+        for upload in self.active.values():
+            upload.compress_level = level
 
     def reload(self) -> None:
         """SIGHUP: apply the config file's limit, schedule and dataset settings live."""
@@ -425,6 +434,7 @@ class Agent:
                 self.apply_limit(t)
                 wait = self.wire.pump(t, MAX_PIECE)
                 self.wire_wait_until = t + wait if wait else 0.0
+                self.adapt_effort(t)
                 self.progress.show(t, [(f"{u.pending.dataset.name}/{u.pending.snapshot}", *u.progress(),
                                         t - u.started_at) for u in self.active.values()])
         finally:

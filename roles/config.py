@@ -101,6 +101,7 @@ class AgentConfig:
     status_bind: str = _kind("endpoint_or_empty", "")
     threads: int = _kind("int", 2, min=1)
     compress_level: int = _kind("int", 1, min=-5, max=22)
+    compress_adapt: bool = _kind("bool", True)
     max_active_transfers: int = _kind("int", 2, min=1)
     scan_interval_ms: int = _kind("int", 2000, min=50)
     connect_timeout_ms: int = _kind("int", 30000, min=100)

@@ -125,3 +125,18 @@ def test_yield_slows_down_periodically_to_relearn_the_base_delay():
     assert y.current_rate(5.0) == MIN_RATE
     assert y.current_rate(5.2) == MIN_RATE
     assert y.current_rate(5.4) > MIN_RATE
+
+
+def test_compression_effort_follows_the_bottleneck():
+    from roles.appliance.effort import CompressionEffort
+    effort = CompressionEffort(1, adapt=True, period_s=1.0)
+    now = 0.0
+    for _ in range(5):  # the link holds us back: more effort
+        now += 1.0
+        effort.update(now, link_bound=50, starved=2)
+    assert effort.level == 6
+    for _ in range(10):  # the CPU holds us back: less
+        now += 1.0
+        effort.update(now, link_bound=0, starved=50)
+    assert effort.level == 1
+    assert CompressionEffort(3, adapt=False).update(10.0, 100, 0) == 3

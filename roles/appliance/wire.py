@@ -25,6 +25,13 @@ class WireScheduler:
         self.bucket = TokenBucket(rate, now)
         self._flows: OrderedDict = OrderedDict()  # key -> [flow, weight, deficit]
         self.sent_total = 0
+        self.link_bound = 0  # pumps that stopped on the bandwidth limit
+        self.starved = 0  # pumps that found no flow with a chunk ready
+
+    def take_counts(self) -> tuple[int, int]:
+        counts = (self.link_bound, self.starved)
+        self.link_bound = self.starved = 0
+        return counts
 
     def add(self, key, flow, weight: int) -> None:
         # [flow, weight, deficit, in_turn]
@@ -67,6 +74,7 @@ class WireScheduler:
                     return None  # resumes this flow's turn when acknowledgements free the window
                 wait = self.bucket.wait_s(size, now)
                 if wait > 0:
+                    self.link_bound += 1
                     return wait
                 sent = flow.send_piece(piece_limit, now)
                 self.bucket.spend(sent, now)
@@ -78,4 +86,6 @@ class WireScheduler:
             if size is None:
                 entry[2] = 0
             self._flows.move_to_end(key)
+        if self._flows:
+            self.starved += 1
         return None
