@@ -336,7 +336,9 @@ class Broker:
         t.last_progress = now()
         node.credit.release(t.on_chunk_done(msg["hash"], stored=True))
         self._to_agent(t, frames, msg.t)
-        self.grant_credit_all(node)
+        self.grant_credit_all(node)  # those already waiting go first
+        if t.transfer_id not in node.hungry:
+            self.grant_credit(node, t)
 
     def node_COMMITTED(self, node, msg, frames) -> None:
         t = self._placed(node, msg)
@@ -384,28 +386,37 @@ class Broker:
 
     # --- credit -------------------------------------------------------------
 
-    def grant_credit(self, node, t: Transfer) -> None:
+    def grant_credit(self, node, t: Transfer) -> bool:
+        """Grant what `t` can use now; False (and `t` queued as hungry) when
+        the node's pool cannot cover it yet."""
         wanted = t.credit_wanted()
-        # Grant at least a whole chunk's worth when it is wanted, so that
-        # credit never fragments into slivers no chunk fits in.
-        if wanted <= 0 or node.credit.free < min(wanted, t.chunk_size + 1024):
-            return
+        if wanted <= 0:
+            return True
+        # At least a whole chunk's worth, so credit never fragments into
+        # slivers no chunk fits in.
+        if node.credit.free < min(wanted, t.chunk_size + 1024):
+            if t.transfer_id not in node.hungry:
+                node.hungry[t.transfer_id] = None
+            return False
         granted = node.credit.take(wanted)
         t.holding += granted
         self.front_out.send(make("CREDIT", transfer_id=t.transfer_id, bytes=granted), t.agent_routing)
+        return True
 
     def grant_credit_all(self, node) -> None:
-        # Rotate so that every upload on the node gets its turn at freed credit.
-        order = list(node.transfers)
-        if not order:
-            return
-        node.grant_cursor = (node.grant_cursor + 1) % len(order)
-        for tid in order[node.grant_cursor:] + order[:node.grant_cursor]:
-            if node.credit.free <= 0:
-                break
+        """Hand freed credit to the uploads waiting for it, oldest wait first:
+        O(uploads served), not O(uploads on the node)."""
+        while node.hungry and node.credit.free > 0:
+            tid = next(iter(node.hungry))
+            del node.hungry[tid]
             t = self.transfers.get(tid)
-            if t is not None and t.kind == "upload":
-                self.grant_credit(node, t)
+            if t is None or t.kind != "upload" or t.state != "active":
+                continue
+            if not self.grant_credit(node, t):
+                # still short: it keeps its place at the head of the queue
+                node.hungry[tid] = None
+                node.hungry.move_to_end(tid, last=False)
+                break
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -441,6 +452,7 @@ class Broker:
             agent.transfers.discard(t.transfer_id)
         if node is not None:
             node.transfers.discard(t.transfer_id)
+            node.hungry.pop(t.transfer_id, None)
             node.credit.release(released)
             if t.kind == "upload":
                 node.reserved_bytes = max(0, node.reserved_bytes - t.image_size)

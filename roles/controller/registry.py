@@ -6,6 +6,7 @@ A node that registers again from a new connection replaces its old session.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from bus.credit import CreditPool
@@ -31,7 +32,7 @@ class NodeSession:
     load: int = 0
     reserved_bytes: int = 0  # image bytes of uploads placed here, not yet committed
     transfers: set = field(default_factory=set)
-    grant_cursor: int = 0
+    hungry: OrderedDict = field(default_factory=OrderedDict)  # uploads waiting for this node's credit
     alive: bool = True
 
     def status(self) -> dict:
