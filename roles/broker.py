@@ -119,27 +119,32 @@ class Broker:
     # --- agents -----------------------------------------------------------
 
     def _on_agent_frames(self, routing: bytes, frames: list) -> None:
+        self._mediate(routing, frames, self.front_out, self.registry.agents, "HELLO", self.on_hello, "agent")
+
+    def _mediate(self, routing: bytes, frames: list, out: Outbox, peers: dict, register_t: str, register,
+                 side: str) -> None:
+        """Decode, note the peer alive, and hand the message to `<side>_<TYPE>`;
+        a refusal goes back as ERROR and changes nothing."""
         try:
             msg = decode(frames)
         except RemoteProtocolError as exc:
-            self.reply_error(self.front_out, routing, exc)
+            self.reply_error(out, routing, exc)
             return
-        session = self.registry.agents.get(routing)
-        if session is not None:
-            session.liveness.heard(now())
+        peer = peers.get(routing)
+        if peer is not None:
+            peer.liveness.heard(now())
         try:
-            if msg.t == "HELLO":
-                self.on_hello(routing, msg, security.peer_identity(frames[0]))
+            if msg.t == register_t:
+                register(routing, msg, security.peer_identity(frames[0]))
                 return
-            if session is None:
-                raise RequestError("say HELLO first", "not_registered")
-            handler = getattr(self, f"agent_{msg.t}", None)
+            if peer is None:
+                raise RequestError(f"say {register_t} first", "not_registered")
+            handler = getattr(self, f"{side}_{msg.t}", None)
             if handler is None:
-                raise RequestError(f"{msg.t} is not accepted from an agent", "unknown_type")
-            handler(session, msg, frames)
+                raise RequestError(f"{msg.t} is not accepted from {side}s", "unknown_type")
+            handler(peer, msg, frames)
         except RequestError as exc:
-            self.reply_error(self.front_out, routing, exc, ref=msg.t, transfer_id=msg.get("transfer_id"),
-                             req=msg.get("req"))
+            self.reply_error(out, routing, exc, ref=msg.t, transfer_id=msg.get("transfer_id"), req=msg.get("req"))
 
     def on_hello(self, routing: bytes, msg, key_name: str | None) -> None:
         # Under CURVE the device is the one its key names; a claim to be
@@ -271,26 +276,7 @@ class Broker:
     # --- storage nodes ------------------------------------------------------
 
     def _on_node_frames(self, routing: bytes, frames: list) -> None:
-        try:
-            msg = decode(frames)
-        except RemoteProtocolError as exc:
-            self.reply_error(self.back_out, routing, exc)
-            return
-        node = self.registry.nodes.get(routing)
-        if node is not None:
-            node.liveness.heard(now())
-        try:
-            if msg.t == "READY":
-                self.on_ready(routing, msg, security.peer_identity(frames[0]))
-                return
-            if node is None:
-                raise RequestError("say READY first", "not_registered")
-            handler = getattr(self, f"node_{msg.t}", None)
-            if handler is None:
-                raise RequestError(f"{msg.t} is not accepted from a node", "unknown_type")
-            handler(node, msg, frames)
-        except RequestError as exc:
-            self.reply_error(self.back_out, routing, exc, ref=msg.t, transfer_id=msg.get("transfer_id"))
+        self._mediate(routing, frames, self.back_out, self.registry.nodes, "READY", self.on_ready, "node")
 
     def on_ready(self, routing: bytes, msg, key_name: str | None) -> None:
         if not self.config.insecure and msg["node_id"] != key_name:
