@@ -23,7 +23,7 @@ from roles.controller.catalog import Catalog
 from roles.controller.placement import choose_node
 from roles.controller.registry import Registry
 from roles.controller.transfers import Transfer
-from roles.process import MAX_POLL_MS, StopFlag, now
+from roles.process import MAX_POLL_MS, StopFlag, now, tune_malloc
 from schemas import decode, encode, error_message, make
 from schemas.messages import MAX_CHUNK_SIZE
 
@@ -557,6 +557,7 @@ class Broker:
 
 
 def run_broker(config: BrokerConfig) -> int:
+    tune_malloc()
     stop = StopFlag().install()
     Broker(config).run(stop)
     return 0
