@@ -45,6 +45,7 @@ class Broker:
         self.catalog = Catalog(config.data_dir)
         self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness)
         self.transfers: dict[str, Transfer] = {}
+        self.uploads_by_key: dict[tuple, Transfer] = {}  # (device, dataset, snapshot) -> upload in progress
         self.finished: deque = deque(maxlen=config.finished_transfers_kept)
         self.finished_by_id: dict[str, Transfer] = {}
         # (device, dataset, snapshot) -> transfer waiting for its storage node
@@ -187,10 +188,12 @@ class Broker:
             self.front_out.send(make("ACCEPT", req=msg["req"], transfer_id="committed", node_id=existing["node_id"],
                                      committed=True), session.routing)
             return
-        for tid in list(session.transfers):
-            t = self.transfers.get(tid)
-            if t is not None and (t.dataset, t.snapshot) == (dataset, snapshot):
-                self.finish(t, "aborted", "offered again")
+        # The device offers it again (it restarted, or lost its connection
+        # before we noticed): the older upload of it is obsolete, whichever
+        # connection it came from, and must not hold chunks the new one needs.
+        stale = self.uploads_by_key.get((device, dataset, snapshot))
+        if stale is not None:
+            self.finish(stale, "aborted", "offered again")
         placed = self.catalog.node_for(device, dataset) or self.pending_placement.get((device, dataset))
         try:
             node_id = choose_node(placed, self.registry.nodes_by_id, self.datasets_on)
@@ -413,6 +416,8 @@ class Broker:
 
     def add_transfer(self, t: Transfer, session, node) -> None:
         self.transfers[t.transfer_id] = t
+        if t.kind == "upload":
+            self.uploads_by_key[(t.device_id, t.dataset, t.snapshot)] = t
         session.transfers.add(t.transfer_id)
         node.transfers.add(t.transfer_id)
 
@@ -425,6 +430,8 @@ class Broker:
         released = t.release_all()
         t.state, t.reason, t.finished_at = state, reason, now()
         self.transfers.pop(t.transfer_id, None)
+        if self.uploads_by_key.get((t.device_id, t.dataset, t.snapshot)) is t:
+            del self.uploads_by_key[(t.device_id, t.dataset, t.snapshot)]
         if state == "parked":
             self.parked[(t.device_id, t.dataset, t.snapshot)] = t
         else:

@@ -68,6 +68,12 @@ class StorageNode:
         self.errors_sent = 0
         self.next_sweep = 0.0
 
+    def holds(self, device_id: str, name: bytes) -> bool:
+        """This device stored the chunk, and it is still on disk (a scrub may
+        have quarantined it since: then it is missing, and the next upload
+        of it heals every snapshot that names it)."""
+        return self.owners.owns(device_id, name) and self.chunks.has(name)
+
     def _committed_chunks(self, device_id: str):
         for manifest in self.manifests.all_for_device(device_id):
             yield from manifest.chunks
@@ -205,7 +211,7 @@ class StorageNode:
         session = self._upload(msg["transfer_id"])
         device = session.device_id
         in_flight = self.device_in_flight.setdefault(device, {})
-        missing = session.record_slice(msg["start"], msg["hashes"], lambda name: self.owners.owns(device, name),
+        missing = session.record_slice(msg["start"], msg["hashes"], lambda name: self.holds(device, name),
                                        in_flight.__contains__)
         for index in missing:
             name = msg["hashes"][index - msg["start"]]
@@ -216,7 +222,7 @@ class StorageNode:
 
     def _advance_image(self, session: UploadSession) -> None:
         device = session.device_id
-        pieces = session.hashable_pieces(lambda name: self.owners.owns(device, name))
+        pieces = session.hashable_pieces(lambda name: self.holds(device, name))
         if pieces:
             self.image_pool.submit(("hash", session.transfer_id), _hash_step, session, self.chunks, pieces)
 
@@ -246,7 +252,7 @@ class StorageNode:
     def _try_commit(self, session: UploadSession) -> None:
         """Commit now, or wait for chunks another upload of the device is sending."""
         device = session.device_id
-        waiting_on = session.unresolved_depends(lambda name: self.owners.owns(device, name))
+        waiting_on = session.unresolved_depends(lambda name: self.holds(device, name))
         if waiting_on:
             in_flight = self.device_in_flight.get(device, {})
             if all(name in in_flight for name in waiting_on):
@@ -263,7 +269,7 @@ class StorageNode:
                 self._close_upload(session.transfer_id)
                 raise RequestError(f"{manifest.dataset}/{manifest.snapshot} is stored with other content", "conflict")
         for name in manifest.chunks:
-            if name is not None and not self.owners.owns(manifest.device_id, name):
+            if name is not None and not self.holds(manifest.device_id, name):
                 session.committing = False
                 raise RequestError("the manifest names chunks this device has not stored", "commit_failed")
         self._advance_image(session)

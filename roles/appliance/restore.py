@@ -19,6 +19,7 @@ import zmq
 
 from bus.errors import CODES, RequestError
 from roles.appliance.chunker import zeros
+from roles.appliance.endpoints import choose_endpoint
 from roles.appliance.link import BrokerLink
 from roles.config import AgentConfig
 from roles.process import MAX_POLL_MS, client_security, now
@@ -100,8 +101,12 @@ class ImageWriter:
 def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_s: float | None = None) -> dict:
     """Run a restore to completion; raises RequestError with a clear reason on failure."""
     ctx = zmq.Context()
-    link = BrokerLink(ctx, config.brokers[0], config.device_id, config.heartbeat_interval_ms / 1000,
-                      config.heartbeat_liveness, now(), secure=client_security(config))
+    secure = client_security(config)
+    endpoint = config.brokers[0]
+    if len(config.brokers) > 1:
+        endpoint = choose_endpoint(ctx, config, secure) or endpoint
+    link = BrokerLink(ctx, endpoint, config.device_id, config.heartbeat_interval_ms / 1000,
+                      config.heartbeat_liveness, now(), secure=secure)
     started = time.monotonic()
     if timeout_s is None:
         timeout_s = config.connect_timeout_ms / 1000
