@@ -269,7 +269,7 @@ class Agent:
             upload.on_credit(msg["bytes"])
         elif msg.t == "STORED":
             upload.on_stored(msg["hash"], msg["raw_len"], msg["wire_len"])
-            self.wire.acknowledged(msg["wire_len"])
+            self.wire.acknowledged(msg["wire_len"], now())
         elif msg.t == "COMMITTED":
             upload.on_committed(msg["image_blake3"])
         elif msg.t == "ERROR" and msg["code"] in PARKING_CODES:

@@ -42,7 +42,7 @@ def agent_status(agent, now: float) -> dict:
         "broker": agent.link.endpoint,
         "connected": agent.link.welcomed,
         "bandwidth": agent.bandwidth.describe(agent.rate),
-        "wire": {"in_flight": agent.wire.in_flight, "window": agent.wire.window, "sent_total": agent.wire.sent_total,
+        "wire": {"in_flight": agent.wire.in_flight, "window": agent.wire.window, "ack_rate_bytes_per_s": round(agent.wire.ack_rate), "sent_total": agent.wire.sent_total,
                  "compress_level": agent.effort.level},
         "datasets": datasets,
         "transfers": transfers,

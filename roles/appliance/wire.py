@@ -16,12 +16,21 @@ from collections import OrderedDict
 from roles.appliance.ratelimit import TokenBucket
 
 QUANTUM = 256 * 1024  # bytes per unit of weight per round
+MIN_WINDOW = 2 * 1024 * 1024
+# The window holds this long of what the cloud acknowledges: enough to keep
+# the link busy, short enough that our own queue stays small and the order
+# of pieces (the weights), not buffering, decides the shares.
+WINDOW_S = 0.25
 
 
 class WireScheduler:
     def __init__(self, window: int, now: float, rate: int | None = None):
-        self.window = window
+        self.max_window = window
+        self.window = min(window, MIN_WINDOW)
         self.in_flight = 0
+        self._acked = 0
+        self._acked_since = now
+        self.ack_rate = 0.0  # bytes per second the cloud acknowledges (smoothed)
         self.bucket = TokenBucket(rate, now)
         self._flows: OrderedDict = OrderedDict()  # key -> [flow, weight, deficit]
         self.sent_total = 0
@@ -40,8 +49,16 @@ class WireScheduler:
     def remove(self, key) -> None:
         self._flows.pop(key, None)
 
-    def acknowledged(self, nbytes: int) -> None:
+    def acknowledged(self, nbytes: int, now: float | None = None) -> None:
         self.in_flight = max(0, self.in_flight - nbytes)
+        if now is None:
+            return
+        self._acked += nbytes
+        elapsed = now - self._acked_since
+        if elapsed >= 0.1:
+            self.ack_rate = 0.7 * self.ack_rate + 0.3 * (self._acked / elapsed)
+            self._acked, self._acked_since = 0, now
+            self.window = int(min(self.max_window, max(MIN_WINDOW, self.ack_rate * WINDOW_S)))
 
     def set_rate(self, rate: int | None, now: float) -> None:
         self.bucket.set_rate(rate, now)
