@@ -61,12 +61,13 @@ class YieldController:
         off_target = (self.target_s - self.queue_delay_s) / self.target_s
         dt = max(0.0, min(1.0, now - self.last_update))
         self.last_update = now
-        if off_target >= 0:
-            # grow by up to ~2.5x per second (compounded per probe) when the path is empty
-            self.rate *= 1.0 + dt * min(1.0, off_target)
+        # Proportional to how far off target, both ways, per second of time
+        # (not per probe): up to about e-fold a second when the path is empty,
+        # down as fast when a queue twice the target builds; gentle near it.
+        step = dt * max(-1.0, min(1.0, off_target))
+        self.rate *= 1.0 + step
+        if off_target > 0:
             self.rate += 64 * 1024 * dt
-        else:
-            self.rate *= max(0.5, 1.0 + 0.5 * max(-1.0, off_target))
         self.rate = max(MIN_RATE, min(MAX_RATE, self.rate))
 
     def current_rate(self, now: float) -> int:
