@@ -210,6 +210,9 @@ class Broker:
         self.add_transfer(t, session, node)
         node.reserved_bytes += t.image_size
         self.pending_placement[(device, dataset)] = node_id
+        # durable before the upload starts: a restarted broker sends the
+        # dataset back to the node that already holds its first chunks
+        self.catalog.place(device, dataset, node_id)
         self.back_out.send(make("OPEN", transfer_id=t.transfer_id, device_id=device, dataset=dataset,
                                 snapshot=snapshot, image_size=t.image_size, chunk_size=t.chunk_size,
                                 chunk_count=t.chunk_count), node.routing)
@@ -261,6 +264,7 @@ class Broker:
         t = self._owned(session, msg)
         node = self._node_of(t)
         t.state = "committing"
+        t.last_progress = now()
         node.credit.release(t.release_holding())
         self.grant_credit_all(node)
         self.back_out.send_frames(list(frames), node.routing, msg.t)
@@ -508,7 +512,8 @@ class Broker:
         limit = self.config.stall_timeout_ms / 1000
         t_now = now()
         for t in [t for t in self.transfers.values()
-                  if t.kind == "upload" and t.state in ("opening", "active") and t_now - t.last_progress > limit]:
+                  if t.kind == "upload" and t.state in ("opening", "active", "committing")
+                  and t_now - t.last_progress > limit]:
             self.interrupt(t, RequestError(f"no acknowledged progress for {limit:.0f}s", "stalled"))
 
     def send_heartbeats(self) -> None:

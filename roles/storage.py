@@ -190,6 +190,10 @@ class StorageNode:
     def on_ERROR(self, msg) -> None:
         logger.warning("broker says {}: {}", msg["code"], msg["reason"])
         if msg["code"] == "not_registered":
+            # the broker restarted: the transfers it gave us are gone with it
+            for tid in list(self.uploads):
+                self._close_upload(tid)
+            self.reads.clear()
             self._send_ready()
 
     def on_OPEN(self, msg) -> None:

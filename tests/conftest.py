@@ -1,12 +1,15 @@
-"""Shared fixtures. `cluster`: a harness.Cluster in tmp_path, stopped at teardown.
+"""Shared fixtures: `cluster` (a harness.Cluster in tmp_path, plain TCP),
+`secure_cluster` (the same with CurveZMQ on every socket), both stopped at
+teardown, and `zctx` (a zmq context for raw sockets, destroyed at teardown).
 
-When a test using it fails, the tail of every process's log is attached to
-the report ("speedsync logs" section).
+When a test using a cluster fails, the tail of every process's log is
+attached to the report ("speedsync logs" section).
 """
 
 from __future__ import annotations
 
 import pytest
+import zmq
 
 from tests.harness import Cluster
 
@@ -22,13 +25,15 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-def cluster(request, tmp_path):
-    """A Cluster not yet started: call `.start()` (broker + node-a) or start roles one by one.
+def zctx():
+    """A zmq context for raw sockets in a test; teardown closes any socket a failed test left open."""
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
 
-    At teardown every process is stopped; a broker or worker that died during
-    the test fails it; a passed test's images and stores are deleted (logs stay).
-    """
-    c = Cluster(tmp_path)
+
+def _cluster(request, tmp_path, **options):
+    c = Cluster(tmp_path, **options)
     request.node._speedsync_cluster = c
     try:
         yield c
@@ -38,3 +43,20 @@ def cluster(request, tmp_path):
         c.stop()
     if not getattr(request.node, "_speedsync_failed", False):
         c.remove_data()
+
+
+@pytest.fixture
+def cluster(request, tmp_path):
+    """A Cluster not yet started: call `.start()` (broker + node-a) or start roles one by one.
+
+    At teardown every process is stopped; a broker or worker that died during
+    the test fails it (one ended by `kill9` is not counted); a passed test's
+    images and stores are deleted (logs stay).
+    """
+    yield from _cluster(request, tmp_path)
+
+
+@pytest.fixture
+def secure_cluster(request, tmp_path):
+    """Like `cluster`, with CurveZMQ on every socket (keys from `keygen`, listed by `enroll`)."""
+    yield from _cluster(request, tmp_path, secure=True)

@@ -10,74 +10,18 @@ the broker's status counts every refusal by code.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import blake3
 import msgpack
-import pytest
-import zmq
 
 from bench.imagegen import generate_image
-from bus.errors import CODES
-from schemas import decode, encode, make
 from schemas.messages import SMALL_HEADER
-from tests.harness import MiB
-
-REPLY_TIMEOUT_S = 10
+from tests.harness import MiB, RawClient
 
 
 def header(**fields) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
-
-
-class RawClient:
-    """A DEALER that sends whatever it is told and reads decoded replies (answering heartbeats)."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str):
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send_frames(self, frames: list) -> None:
-        self.sock.send_multipart(frames)
-
-    def send(self, t: str, payload=(), **fields) -> None:
-        self.sock.send_multipart(encode(make(t, payload=payload, **fields)))
-
-    def expect(self, t: str, timeout_s: float = REPLY_TIMEOUT_S):
-        """The next message other than HEARTBEAT; it must be of type t."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            assert left_ms > 0 and self.sock.poll(left_ms), f"no {t} within {timeout_s}s"
-            msg = decode(self.sock.recv_multipart())
-            if msg.t == "HEARTBEAT":
-                self.send("HEARTBEAT")
-                continue
-            assert msg.t == t, f"expected {t}, got {msg}"
-            return msg
-
-    def expect_error(self, code: str):
-        msg = self.expect("ERROR")
-        assert msg["code"] == code, f"expected ERROR {code}, got {dict(msg.fields)}"
-        assert code in CODES
-        assert msg["reason"] and "Traceback" not in msg["reason"]
-        return msg
-
-    def hello(self, device_id: str) -> None:
-        self.send("HELLO", device_id=device_id)
-        self.expect("WELCOME")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def zctx():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()
 
 
 def test_hostile_agent_gets_stable_errors_while_a_real_agent_replicates(cluster, zctx, tmp_path):

@@ -24,6 +24,12 @@ CREATE TABLE IF NOT EXISTS snapshots (
     committed_at REAL NOT NULL,
     PRIMARY KEY (device_id, dataset, snapshot)
 );
+CREATE TABLE IF NOT EXISTS placements (
+    device_id TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    PRIMARY KEY (device_id, dataset)
+);
 """
 
 
@@ -39,6 +45,16 @@ class Catalog:
         for device, dataset, node in self.db.execute(
                 "SELECT device_id, dataset, node_id FROM snapshots GROUP BY device_id, dataset"):
             self._place(device, dataset, node)
+        for device, dataset, node in self.db.execute("SELECT device_id, dataset, node_id FROM placements"):
+            if (device, dataset) not in self._placement:
+                self._place(device, dataset, node)
+
+    def place(self, device_id: str, dataset: str, node_id: str) -> None:
+        """Record where a dataset's first upload goes (durably, once)."""
+        if (device_id, dataset) in self._placement:
+            return
+        self.db.execute("INSERT OR IGNORE INTO placements VALUES (?, ?, ?)", (device_id, dataset, node_id))
+        self._place(device_id, dataset, node_id)
 
     def _place(self, device_id: str, dataset: str, node_id: str) -> None:
         self._placement[(device_id, dataset)] = node_id
