@@ -38,6 +38,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.processes import free_ports  # noqa: F401  (one helper for benches and tests)
+
 from bench.imagegen import file_blake3
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,20 +49,6 @@ MiB = 1 << 20
 # the whole cluster shares two cores with the agents' hashing and compression.
 HEARTBEAT_INTERVAL_MS = 200
 HEARTBEAT_LIVENESS = 10
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (held open together, so distinct)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.1, on_timeout=None):
