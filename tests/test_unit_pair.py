@@ -24,7 +24,7 @@ from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.manifests import ManifestStore
 from roles.storenode.ownership import DeviceChunks
 from roles.storenode.sessions import UploadSession
-from roles.storenode.verify import verify_image
+from roles.storenode.verify import hash_pieces
 from schemas import decode, encode
 
 CHUNK = 64 * 1024
@@ -43,7 +43,8 @@ class MemoryNode:
 
     def open(self, tid, device, upload):
         self.sessions[tid] = UploadSession(tid, device, upload.pending.dataset.name, upload.pending.snapshot,
-                                           upload.image_size, upload.chunk_size, upload.chunk_count)
+                                           upload.image_size, upload.chunk_size, upload.chunk_count,
+                                           hasher=blake3.blake3())
 
     def handle(self, msg):
         s = self.sessions[msg["transfer_id"]]
@@ -56,20 +57,29 @@ class MemoryNode:
                                          bytes(msg.payload[0]))
             if payload is None:
                 return []
-            self.chunks.put(msg["hash"], msg["raw_len"], msg["codec"], payload)
+            raw = self.chunks.put(msg["hash"], msg["raw_len"], msg["codec"], payload)
             self.owners.add(s.device_id, msg["hash"])
-            s.stored(msg["hash"])
+            s.stored(msg["hash"], raw)
             self.chunks_received += 1
             return [("STORED", msg["hash"], msg["raw_len"], len(payload))]
         if msg.t == "COMMIT":
             s.require_complete()
-            s.image_blake3 = msg["image_blake3"]
-            manifest = s.manifest()
-            digest = verify_image(self.chunks, manifest)  # computes it when the agent sent none (CBT)
-            manifest = dataclasses.replace(manifest, image_blake3=digest)
+            # the storage node's commit path: the image hashed in order as
+            # chunks arrive, checked against the agent's blake3 when it sent one (not under CBT)
+            digest = commit_digest(self.chunks, s, lambda n: self.owners.owns(s.device_id, n))
+            if msg["image_blake3"] is not None:
+                assert digest == msg["image_blake3"]
+            manifest = dataclasses.replace(s.manifest(), image_blake3=digest)
             self.manifests.save(manifest)
             return [("COMMITTED", manifest.image_blake3)]
         raise AssertionError(msg.t)
+
+
+def commit_digest(store, session, owns) -> bytes:
+    session.hasher = session.hasher or blake3.blake3()
+    hash_pieces(session.hasher, store, session.hashable_pieces(owns))
+    assert session.fully_hashed
+    return session.hasher.digest()
 
 
 def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, seed=0, known=None):
@@ -186,7 +196,7 @@ def test_commit_refuses_chunks_the_device_never_stored(tmp_path):
     s.record_slice(0, [name], lambda n: True)  # as if the device owned it: nothing asked
     s.require_complete()
     with pytest.raises(RequestError):
-        verify_image(node.chunks, s.manifest())
+        commit_digest(node.chunks, s, lambda n: True)
 
 
 def test_damaged_chunk_makes_restore_fail_without_output(tmp_path):

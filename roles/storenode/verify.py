@@ -1,26 +1,16 @@
-"""Whole-image verification: every chunk present and whole, and the image's blake3.
-
-Used before a manifest is committed. Chunks are read and decompressed a few
-at a time on helper threads (zstd and file reads release the GIL) while this
-thread feeds them, in order, to the one whole-image hasher. Per-chunk names
-are not re-hashed here: if the image's blake3 matches, every chunk is right;
-if it does not, the chunks are checked one by one to say which is damaged.
+"""Feeding the whole-image hasher: zeros for all-zero chunks, chunk bytes
+kept from their arrival, or chunks read back (verified against their length)
+from the store. The storage node calls `hash_pieces` in image order while an
+upload runs (see UploadSession.hashable_pieces), so that committing a manifest
+needs no second pass over the image.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import blake3
-
 from bus.errors import RequestError
 from roles.storenode.chunkstore import ChunkStore, decode_payload
-from roles.storenode.manifests import Manifest
 
 _ZEROS = bytes(1024 * 1024)
-READ_THREADS = 3
-READ_AHEAD = 8
-_readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="verify")
 
 
 def _feed_zeros(hasher, n: int) -> None:
@@ -49,36 +39,3 @@ def hash_pieces(hasher, store: ChunkStore, pieces: list) -> None:
             _feed_zeros(hasher, length)
         else:
             hasher.update(raw if raw is not None else _load(store, index, name, length))
-
-
-def verify_image(store: ChunkStore, manifest: Manifest) -> bytes:
-    """The image's blake3 rebuilt from its chunks; RequestError(commit_failed)
-    unless every chunk is present and whole and (when the manifest names
-    one) the image's blake3 matches."""
-    hasher = blake3.blake3()
-    pending = []
-    jobs = ((i, name, manifest.chunk_len(i)) for i, name in enumerate(manifest.chunks))
-
-    def refill():
-        while len(pending) < READ_AHEAD:
-            job = next(jobs, None)
-            if job is None:
-                return
-            index, name, expected = job
-            pending.append((expected, None if name is None else _readers.submit(_load, store, index, name, expected)))
-
-    refill()
-    while pending:
-        expected, future = pending.pop(0)
-        refill()
-        if future is None:
-            _feed_zeros(hasher, expected)
-        else:
-            hasher.update(future.result())
-    digest = hasher.digest()
-    if manifest.image_blake3 is not None and digest != manifest.image_blake3:
-        for index, name in enumerate(manifest.chunks):
-            if name is not None and blake3.blake3(_load(store, index, name, manifest.chunk_len(index))).digest() != name:
-                raise RequestError(f"chunk {index} is damaged on disk", "commit_failed")
-        raise RequestError("the chunks do not rebuild an image with the offered blake3", "commit_failed")
-    return digest
