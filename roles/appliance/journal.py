@@ -7,9 +7,9 @@ what it already holds, so only the missing chunks travel.
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from pathlib import Path
+
+from roles.durabledb import open_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS in_progress (
@@ -38,15 +38,7 @@ CREATE TABLE IF NOT EXISTS committed (
 
 class Journal:
     def __init__(self, state_dir: str):
-        Path(state_dir).mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(Path(state_dir) / "journal.sqlite3", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-
-    def is_committed(self, dataset: str, snapshot: str) -> bool:
-        return self.db.execute("SELECT 1 FROM committed WHERE dataset=? AND snapshot=?",
-                               (dataset, snapshot)).fetchone() is not None
+        self.db = open_durable(state_dir, "journal.sqlite3", SCHEMA)
 
     def committed_snapshots(self, dataset: str) -> set:
         return {r[0] for r in self.db.execute("SELECT snapshot FROM committed WHERE dataset=?", (dataset,))}

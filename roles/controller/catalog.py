@@ -8,9 +8,9 @@ holds a dataset, and how many datasets each node holds.
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from pathlib import Path
+
+from roles.durabledb import open_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -35,11 +35,7 @@ CREATE TABLE IF NOT EXISTS placements (
 
 class Catalog:
     def __init__(self, data_dir: str):
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(Path(data_dir) / "catalog.sqlite3", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db = open_durable(data_dir, "catalog.sqlite3", SCHEMA)
         self._placement: dict[tuple, str] = {}
         self._datasets_per_node: dict[str, set] = {}
         for device, dataset, node in self.db.execute(

@@ -1,0 +1,19 @@
+"""SQLite opened for durability: WAL, and every commit fsync'd (synchronous=FULL).
+
+Both the broker's catalog and the agent's journal record what must survive a
+crash (a snapshot committed in the cloud); they open their database here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def open_durable(directory: str, filename: str, schema: str) -> sqlite3.Connection:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(Path(directory) / filename, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(schema)
+    return db
