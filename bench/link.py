@@ -230,6 +230,7 @@ def measure_yield(cluster: LinkCluster, link: ShapedLink, meter: LinkMeter, flow
         "seconds_after": [round(meter.payload_rate(last + i, last + i + 1) / link.rate_bytes, 2)
                           for i in range(int(within_s) + 2)],
         "base_delay_ms": ((status_before or {}).get("bandwidth") or {}).get("base_delay_ms"),
+        "peak_delivery": ((status_before or {}).get("bandwidth") or {}).get("peak_delivery_bytes_per_s"),
         "queue_delay_ms": ((status_after or {}).get("bandwidth") or {}).get("queue_delay_ms"),
     }
 
@@ -349,6 +350,8 @@ def report(name: str, f: dict, link: ShapedLink) -> list[str]:
             _row(name, f"agent's share from 2 s to {f['within_s'] + 2:.0f} s after the flow stops",
                  f"{f['agent_share_after']:.3f}"),
             _row(name, "  second by second", " ".join(f"{v:.2f}" for v in f["seconds_after"])),
+            _row(name, "status before the flow: base delay, delivery peak",
+                 f"{f['base_delay_ms']} ms, {(f['peak_delivery'] or 0) / MBIT:.1f} Mbit/s"),
         ]
     if name == "preempt":
         return [

@@ -235,7 +235,7 @@ class Agent:
         if msg.t == "PONG":
             if self.bandwidth.yielding is not None:
                 t = now()
-                self.bandwidth.yielding.on_rtt(t - msg["sent_us"] / 1e6, t)
+                self.bandwidth.yielding.on_rtt(t - msg["sent_us"] / 1e6, t, self.wire.ack_rate)
             return
         if msg.t == "ERROR" and msg["code"] == "not_registered":
             # the broker restarted and forgot us: our transfers are gone with it

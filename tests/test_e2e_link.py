@@ -12,8 +12,9 @@ These tests assert rates: on this link they are the acceptance criteria of
 the client-side management issue, with its tolerances, over its windows.
 
 Needs root (CI runs as root); where namespaces cannot be created the tests
-skip, naming the reason, unless SPEEDSYNC_REQUIRE_NETNS=1 makes that a
-failure (CI must not skip them).
+skip, naming the reason, unless SPEEDSYNC_REQUIRE_NETNS=1 or CI=true (as CI
+runs) makes that a failure: CI must not skip them. `make test` installs
+iproute2 where `ip` or `tc` is missing and it runs as root.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ MBIT = 1_000_000 / 8
 
 
 def _unavailable(reason: str):
-    if os.environ.get("SPEEDSYNC_REQUIRE_NETNS"):
-        pytest.fail(f"SPEEDSYNC_REQUIRE_NETNS is set but the shaped link cannot be built: {reason}")
+    for required_by in ("SPEEDSYNC_REQUIRE_NETNS", "CI"):
+        if os.environ.get(required_by, "").lower() not in ("", "0", "false"):
+            pytest.fail(f"{required_by} is set but the shaped link cannot be built: {reason}")
     pytest.skip(f"shaped link unavailable: {reason}")
 
 
@@ -159,9 +161,6 @@ def test_a_40mbit_limit_holds_and_a_schedule_window_and_sighup_apply_within_2s(c
         assert p["set_by"].startswith(set_by), f"{phase}: status says set_by {p['set_by']!r}"
 
 
-@pytest.mark.xfail(strict=False, reason="known open bug (issue 5): against a CUBIC/Reno sawtooth the yield "
-                   "controller's delay estimate sits just over target and it backs off too slowly in about "
-                   "half of the runs; faster back-off made the take-back oscillate")
 def test_yield_leaves_a_bulk_flow_70_percent_and_takes_85_percent_back_within_10s(clusters, meter, link):
     """`limit: yield` uploads; a bulk CUBIC flow from the office runs 10 s: its goodput over its whole life is
     its share; once it stops, the agent must have 85% of the link over some 2 s within 10 s (a share is a
@@ -176,6 +175,9 @@ def test_yield_leaves_a_bulk_flow_70_percent_and_takes_85_percent_back_within_10
     assert f["take_back_s"] is not None, \
         (f"the agent did not hold 85% of the link over any {f['hold_s']:.0f} s within {f['within_s']:.0f} s after "
          f"the flow stopped; its share second by second: {f['seconds_after']}: {f}")
+    # what the agent's status showed before the flow: the path's base delay, and the link it had learned
+    assert f["base_delay_ms"] is not None and f["base_delay_ms"] < 5.0, f
+    assert 0.8 * link.rate_bytes <= f["peak_delivery"] <= link.rate_bytes, f
 
 
 def test_an_urgent_incremental_commits_within_15s_while_a_1gib_full_upload_runs(clusters, tmp_path):

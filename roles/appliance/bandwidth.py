@@ -22,6 +22,8 @@ class Bandwidth:
 
     def reconfigure(self, limit, schedule: tuple, target_ms: int) -> None:
         self.limit, self.schedule, self.target_ms = limit, schedule, target_ms
+        if self.yielding is not None:
+            self.yielding.target_s = target_ms / 1000
 
     def current(self, now: float, moment: dt.datetime | None = None) -> int | None:
         """Bytes per second allowed now (None: unlimited)."""
@@ -44,4 +46,6 @@ class Bandwidth:
             doc["queue_delay_ms"] = round(self.yielding.queue_delay_s * 1000, 1)
             base = self.yielding.base_delay_s
             doc["base_delay_ms"] = None if base is None else round(base * 1000, 1)
+            peak = self.yielding.peak_delivery_rate
+            doc["peak_delivery_bytes_per_s"] = None if peak is None else int(peak)
         return doc

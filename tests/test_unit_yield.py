@@ -1,0 +1,206 @@
+"""The yield controller against a simulated office uplink, on a fake clock.
+
+`Uplink` is a fluid model of the office router: a FIFO of `buffer_s` in
+front of a link of `capacity` bytes per second, served in proportion to what
+each sender puts in, the overflow dropped. The controller is driven the way
+the agent drives it: it paces at `current_rate`, pings every probe interval
+(the ping waits in the same queue, so its round trip is the base delay plus
+the queueing delay when it was sent), and is told what the cloud
+acknowledged per second, smoothed as `WireScheduler.ack_rate` is.
+
+The competitors are the two shapes an office's traffic takes on that router:
+a loss-based bulk flow (Reno's window: slow start, one segment per round
+trip, 0.7 of it on a drop), and a flow in CUBIC's plateau after HyStart, whose
+window stays put for seconds and alone queues just under the yield target. The
+second is what the real shaped-link test met: a controller that takes such a
+queue for its own shares the link with that flow instead of leaving it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from roles.appliance.bandwidth import Bandwidth
+from roles.appliance.render import render_agent_status
+from roles.appliance.schedule import YIELD
+from roles.appliance.yielding import MIN_RATE, YieldController
+
+MBIT = 1_000_000 / 8
+CAPACITY = 95 * MBIT  # the TCP payload a 100 Mbit/s link carries
+TARGET_S = 0.025
+TICK_S = 0.001
+MSS = 1448
+
+
+@dataclass
+class Uplink:
+    capacity: float = CAPACITY
+    buffer_s: float = 0.050
+    base_s: float = 0.001
+    queue: float = 0.0  # bytes
+
+    @property
+    def delay_s(self) -> float:
+        return self.queue / self.capacity
+
+    def carry(self, ours: float, theirs: float) -> tuple[float, float, bool]:
+        """One tick: bytes delivered for us and for them, and whether the buffer overflowed."""
+        offered = (ours + theirs) * TICK_S
+        self.queue += offered
+        served = min(self.queue, self.capacity * TICK_S)
+        self.queue -= served
+        dropped = self.queue > self.capacity * self.buffer_s
+        self.queue = min(self.queue, self.capacity * self.buffer_s)
+        mine = served * ours * TICK_S / offered if offered else 0.0
+        return mine, served - mine, dropped
+
+
+@dataclass
+class WindowFlow:
+    """A window-based TCP sender: `window` bytes in flight, its rate the window over the round trip. Held
+    still, it is CUBIC on its plateau near its last maximum (seconds long on a short round trip)."""
+    window: float
+
+    def rate(self, path: Uplink) -> float:
+        return self.window / (path.base_s + path.delay_s)
+
+    def tick(self, path: Uplink, dropped: bool, now: float) -> None:
+        pass
+
+
+@dataclass
+class RenoFlow(WindowFlow):
+    """A loss-based bulk sender: doubling per round trip until the first drop, then one segment per round
+    trip, cut to 0.7 on a drop (at most once per round trip)."""
+    window: float = 10 * MSS
+    slow_start: bool = True
+    quiet_until: float = 0.0
+
+    def tick(self, path: Uplink, dropped: bool, now: float) -> None:
+        rtt = path.base_s + path.delay_s
+        if dropped and now >= self.quiet_until:
+            self.window *= 0.7
+            self.slow_start = False
+            self.quiet_until = now + rtt
+        elif self.slow_start:
+            self.window *= 2 ** (TICK_S / rtt)
+        else:
+            self.window += MSS * TICK_S / rtt
+
+
+@dataclass
+class Run:
+    """The agent's side of the simulation: pacing, pings in flight, the acknowledged rate."""
+    path: Uplink = field(default_factory=Uplink)
+    now: float = 0.0
+    ctl: YieldController = None
+    pings: list = field(default_factory=list)  # (arrives, sent)
+    ack_rate: float = 0.0
+    acked: float = 0.0
+    acked_since: float = 0.0
+    ours: list = field(default_factory=list)  # per tick: (bytes ours, bytes theirs)
+
+    def __post_init__(self):
+        self.ctl = YieldController(self.now, target_s=TARGET_S)
+
+    def run(self, seconds: float, competitor=None) -> None:
+        for _ in range(round(seconds / TICK_S)):
+            self.now += TICK_S
+            ours = self.ctl.current_rate(self.now)
+            theirs = competitor.rate(self.path) if competitor else 0.0
+            mine, other, dropped = self.path.carry(ours, theirs)
+            if competitor:
+                competitor.tick(self.path, dropped, self.now)
+            self.ours.append((mine, other))
+            self._acknowledge(mine)
+            self._ping()
+
+    def _acknowledge(self, nbytes: float) -> None:
+        self.acked += nbytes
+        if self.now - self.acked_since >= 0.1:
+            self.ack_rate = 0.7 * self.ack_rate + 0.3 * self.acked / (self.now - self.acked_since)
+            self.acked, self.acked_since = 0.0, self.now
+
+    def _ping(self) -> None:
+        if self.ctl.probe_due(self.now):
+            self.ctl.probe_sent(self.now)
+            self.pings.append((self.now + 2 * self.path.base_s + self.path.delay_s, self.now))
+        while self.pings and self.pings[0][0] <= self.now:
+            _, sent = self.pings.pop(0)
+            self.ctl.on_rtt(self.now - sent, self.now, self.ack_rate)
+
+    def share(self, start_s: float, end_s: float, theirs: bool = False) -> float:
+        """What one side got of the link's capacity between two moments."""
+        ticks = self.ours[round(start_s / TICK_S):round(end_s / TICK_S)]
+        return sum(t[1 if theirs else 0] for t in ticks) / (CAPACITY * (end_s - start_s))
+
+    def first_held(self, start_s: float, end_s: float, share: float, hold_s: float = 2.0) -> float | None:
+        """The first moment from which we had `share` of the link over `hold_s`."""
+        t = start_s
+        while t + hold_s <= end_s:
+            if self.share(t, t + hold_s) >= share:
+                return t
+            t += 0.1
+        return None
+
+
+def test_alone_it_fills_the_link_and_keeps_the_queue_short():
+    r = Run()
+    r.run(40.0)
+    assert r.first_held(0.0, 10.0, 0.90) is not None, "not at 90% of the link within 10 s"
+    assert r.share(10.0, 40.0) >= 0.90, f"{r.share(10.0, 40.0):.1%} of the link over 30 s alone"
+
+
+def test_it_leaves_a_loss_based_flow_the_link_and_takes_it_back_when_it_stops():
+    r = Run()
+    r.run(15.0)
+    r.run(20.0, RenoFlow())
+    r.run(15.0)
+    assert r.share(15.0, 35.0, theirs=True) >= 0.85, \
+        f"the bulk flow got {r.share(15.0, 35.0, theirs=True):.1%}, we {r.share(15.0, 35.0):.1%}"
+    back = r.first_held(35.0, 50.0, 0.85)
+    assert back is not None and back - 35.0 <= 5.0, f"85% of the link held from {back} (the flow stopped at 35 s)"
+
+
+def test_a_queue_standing_just_under_the_target_is_someone_elses():
+    """A flow whose window alone queues 0.8 of the target: a controller that weighs the queue as its own
+    stops cutting at a fifth of the link (the queue then sits at the target), and keeps it."""
+    r = Run()
+    r.run(15.0)
+    r.run(10.0, WindowFlow(window=0.8 * TARGET_S * CAPACITY))
+    assert r.share(18.0, 25.0) <= 0.05, f"we kept {r.share(18.0, 25.0):.1%} of the link"
+    assert r.ctl.current_rate(r.now) <= 0.05 * CAPACITY, \
+        f"pacing at {r.ctl.current_rate(r.now) / MBIT:.1f} Mbit/s beside a standing queue"
+
+
+def test_it_starts_from_the_floor_when_the_path_is_busy_from_the_start():
+    r = Run()
+    r.run(20.0, RenoFlow())
+    assert r.share(5.0, 20.0, theirs=True) >= 0.80, f"the bulk flow got {r.share(5.0, 20.0, theirs=True):.1%}"
+    assert r.ctl.current_rate(r.now) >= MIN_RATE
+
+
+def test_with_little_to_send_the_rate_grows_no_further_than_half_again_what_was_delivered():
+    """An agent with one small incremental sees no queue at any rate: unchecked, its rate would be a burst
+    into the office router when the next full upload starts."""
+    ctl = YieldController(0.0, target_s=TARGET_S, slowdown_every_s=1e9)
+    now = 0.0
+    for _ in range(300):
+        now += 0.1
+        ctl.on_rtt(0.001, now, 1_000_000)
+    assert 1_000_000 <= ctl.current_rate(now) <= 1.5 * 1_000_000
+
+
+def test_status_shows_what_the_controller_knows_and_a_reload_changes_the_target():
+    bandwidth = Bandwidth(YIELD, (), 25, 0.0)
+    rate = bandwidth.current(0.0)
+    for i in range(1, 40):
+        bandwidth.yielding.on_rtt(0.002, i * 0.1, 5_000_000)
+    doc = bandwidth.describe(bandwidth.current(4.0))
+    assert doc["limit"] == "yield" and doc["base_delay_ms"] == 2.0 and doc["queue_delay_ms"] == 0.0
+    assert doc["peak_delivery_bytes_per_s"] == 5_000_000 and doc["rate_bytes_per_s"] > rate
+    text = render_agent_status({"device_id": "office-1", "broker": "tcp://198.18.1.2:5550", "connected": True,
+                                "bandwidth": doc, "datasets": [], "transfers": []})
+    assert "queueing delay 0.0 ms over a base of 2.0 ms" in text and "delivered up to 40.0 Mbit/s" in text
+    bandwidth.reconfigure(YIELD, (), 10)
+    assert bandwidth.yielding.target_s == 0.010
