@@ -107,19 +107,19 @@ def test_yield_backs_off_on_queueing_delay_and_recovers():
     y = YieldController(now, target_s=0.025, start_rate=5_000_000, slowdown_every_s=1e9)
     for _ in range(20):  # an empty path: 10 ms round trips
         now += 0.1
-        y.on_rtt(0.010, now)
+        y.on_rtt(0.010, now, y.current_rate(now))  # all of it acknowledged
     fast = y.current_rate(now)
     for _ in range(20):  # someone fills the office router's queue: +100 ms
         now += 0.1
-        y.on_rtt(0.110, now)
+        y.on_rtt(0.110, now, y.current_rate(now))
     assert y.current_rate(now) <= 0.2 * fast  # e-fold per second while the queue stays
     for _ in range(40):
         now += 0.1
-        y.on_rtt(0.110, now)
+        y.on_rtt(0.110, now, y.current_rate(now))
     assert y.current_rate(now) <= max(MIN_RATE, fast / 100)
     for _ in range(100):  # the queue drains
         now += 0.1
-        y.on_rtt(0.010, now)
+        y.on_rtt(0.010, now, y.current_rate(now))  # all of it acknowledged
     assert y.current_rate(now) >= fast
 
 
@@ -144,3 +144,23 @@ def test_compression_effort_follows_the_bottleneck():
         effort.update(now, link_bound=0, starved=50)
     assert effort.level == 1
     assert CompressionEffort(3, adapt=False).update(10.0, 100, 0) == 3
+
+
+def test_the_acknowledged_rate_is_not_averaged_over_a_pause_in_sending():
+    wire = WireScheduler(window=64 << 20, now=0.0, rate=10_000_000)
+
+    def send_for(seconds, now):
+        flow = Flow(int(seconds * 10_000_000))
+        wire.add("f", flow, 1)
+        while flow.left:
+            wait = wire.pump(now, 1 << 20)
+            now += wait if wait else 0.01
+            wire.acknowledged(wire.in_flight, now)  # a fast cloud acknowledges everything
+        wire.remove("f")
+        return now
+
+    now = send_for(2.0, 0.0)
+    busy = wire.ack_rate
+    assert busy == pytest.approx(10_000_000, rel=0.1)
+    now = send_for(0.3, now + 30.0)  # half a minute idle, then sending at the same pace again
+    assert wire.ack_rate >= 0.9 * busy

@@ -15,23 +15,27 @@ class Bandwidth:
         self.limit = limit
         self.schedule = schedule
         self.target_ms = target_ms
-        self.yielding: YieldController | None = None
+        self.yielding: YieldController | None = None  # the controller, while yield is the limit in force
+        self._controller: YieldController | None = None
         self.set_by = "limit"
         self.mode = None
         self._now = now
 
     def reconfigure(self, limit, schedule: tuple, target_ms: int) -> None:
         self.limit, self.schedule, self.target_ms = limit, schedule, target_ms
-        if self.yielding is not None:
-            self.yielding.target_s = target_ms / 1000
+        if self._controller is not None:
+            self._controller.target_s = target_ms / 1000
 
     def current(self, now: float, moment: dt.datetime | None = None) -> int | None:
         """Bytes per second allowed now (None: unlimited)."""
         moment = moment or dt.datetime.now()
         mode, self.set_by = limit_at(self.schedule, self.limit, moment)
         if mode == YIELD:
-            if self.yielding is None:
-                self.yielding = YieldController(now, target_s=self.target_ms / 1000)
+            if self._controller is None:
+                self._controller = YieldController(now, target_s=self.target_ms / 1000)
+            elif self.yielding is None:
+                self._controller.resume(now)  # back from a fixed limit: the path's base delay and peak stay
+            self.yielding = self._controller
             self.mode = YIELD
             return self.yielding.current_rate(now)
         self.yielding = None

@@ -19,7 +19,7 @@ def render_agent_status(doc: dict) -> str:
     bw = doc["bandwidth"]
     extra = ""
     if "queue_delay_ms" in bw:
-        peak = bw["peak_delivery_bytes_per_s"]
+        peak = bw.get("peak_delivery_bytes_per_s")
         extra = (f", pacing at {bw['rate_bytes_per_s'] * 8 / 1e6:.1f} Mbit/s; queueing delay {bw['queue_delay_ms']} ms"
                  f" over a base of {bw['base_delay_ms']} ms; link delivered up to "
                  f"{'-' if peak is None else f'{peak * 8 / 1e6:.1f}'} Mbit/s")

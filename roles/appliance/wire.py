@@ -21,6 +21,7 @@ MIN_WINDOW = 2 * 1024 * 1024
 # the link busy, short enough that our own queue stays small and the order
 # of pieces (the weights), not buffering, decides the shares.
 WINDOW_S = 0.25
+IDLE_S = 0.5  # nothing in flight and no acknowledgement for this long: a pause in sending
 
 
 class WireScheduler:
@@ -31,6 +32,7 @@ class WireScheduler:
         self._acked = 0
         self._acked_since = now
         self.ack_rate = 0.0  # bytes per second the cloud acknowledges (smoothed)
+        self._last_ack = now
         self.bucket = TokenBucket(rate, now)
         self._flows: OrderedDict = OrderedDict()  # key -> [flow, weight, deficit]
         self.sent_total = 0
@@ -53,6 +55,7 @@ class WireScheduler:
         self.in_flight = max(0, self.in_flight - nbytes)
         if now is None:
             return
+        self._last_ack = now
         self._acked += nbytes
         elapsed = now - self._acked_since
         if elapsed >= 0.1:
@@ -93,6 +96,9 @@ class WireScheduler:
                 if wait > 0:
                     self.link_bound += 1
                     return wait
+                if self.in_flight == 0 and now - self._last_ack > IDLE_S:
+                    # sending again after a pause: a rate measured over the pause would be the pause's
+                    self._acked, self._acked_since = 0, now
                 sent = flow.send_piece(piece_limit, now)
                 self.bucket.spend(sent, now)
                 self.in_flight += sent
