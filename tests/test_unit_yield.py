@@ -18,13 +18,14 @@ queue for its own shares the link with that flow instead of leaving it.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 import pytest
 
 from roles.appliance.bandwidth import Bandwidth
 from roles.appliance.render import render_agent_status
-from roles.appliance.schedule import YIELD
+from roles.appliance.schedule import YIELD, parse_window
 from roles.appliance.yielding import MIN_RATE, YieldController
 
 MBIT = 1_000_000 / 8
@@ -93,6 +94,18 @@ class RenoFlow(WindowFlow):
 
 
 @dataclass
+class ConstantFlow:
+    """Traffic that does not adapt: a video call, a remote desktop session."""
+    bytes_per_s: float
+
+    def rate(self, path: Uplink) -> float:
+        return self.bytes_per_s
+
+    def tick(self, path: Uplink, dropped: bool, now: float) -> None:
+        pass
+
+
+@dataclass
 class Run:
     """The agent's side of the simulation: pacing, pings in flight, the acknowledged rate."""
     path: Uplink = field(default_factory=Uplink)
@@ -103,6 +116,7 @@ class Run:
     acked: float = 0.0
     acked_since: float = 0.0
     ours: list = field(default_factory=list)  # per tick: (bytes ours, bytes theirs)
+    delays: list = field(default_factory=list)  # per tick: the router's queueing delay
 
     def __post_init__(self):
         self.ctl = YieldController(self.now, target_s=TARGET_S)
@@ -116,6 +130,7 @@ class Run:
             if competitor:
                 competitor.tick(self.path, dropped, self.now)
             self.ours.append((mine, other))
+            self.delays.append(self.path.delay_s)
             self._acknowledge(mine)
             self._ping()
 
@@ -190,11 +205,23 @@ def test_a_queue_standing_just_under_the_target_is_someone_elses():
         f"pacing at {r.ctl.current_rate(r.now) / MBIT:.1f} Mbit/s beside a standing queue"
 
 
-def test_it_starts_from_the_floor_when_the_path_is_busy_from_the_start():
+@pytest.mark.parametrize("call_share", [0.1, 0.3])
+def test_a_call_keeps_its_rate_and_little_delay_and_we_take_most_of_what_it_leaves(call_share):
+    r = Run()
+    r.run(15.0)
+    r.run(30.0, ConstantFlow(call_share * CAPACITY))
+    assert r.share(20.0, 45.0, theirs=True) >= 0.99 * call_share, "the call lost traffic"
+    delays = r.delays[20_000:45_000]
+    assert sum(delays) / len(delays) <= TARGET_S, f"the call waited {sum(delays) / len(delays) * 1e3:.1f} ms"
+    assert r.share(20.0, 45.0) >= 0.6 * (1 - call_share), f"we took {r.share(20.0, 45.0):.1%} of the link"
+
+
+def test_it_stays_near_the_floor_when_the_path_is_busy_from_the_start():
+    """No peak is known yet, so nothing is foreign: plain LEDBAT against a flow that fills the buffer."""
     r = Run()
     r.run(20.0, RenoFlow())
-    assert r.share(5.0, 20.0, theirs=True) >= 0.80, f"the bulk flow got {r.share(5.0, 20.0, theirs=True):.1%}"
-    assert r.ctl.current_rate(r.now) >= MIN_RATE
+    assert r.share(0.0, 20.0) <= 0.05, f"we took {r.share(0.0, 20.0):.1%} of a link someone else was filling"
+    assert r.ctl.current_rate(r.now) <= 4 * MIN_RATE
 
 
 def test_with_little_to_send_the_rate_holds_at_twice_what_was_delivered():
@@ -221,3 +248,20 @@ def test_status_shows_what_the_controller_knows_and_a_reload_changes_the_target(
     assert "queueing delay 0.0 ms over a base of 2.0 ms" in text and "delivered up to 40.0 Mbit/s" in text
     bandwidth.reconfigure(YIELD, (), 10)
     assert bandwidth.yielding.target_s == 0.010
+
+
+def test_a_fixed_limit_window_in_between_keeps_what_was_learned_of_the_path():
+    """yield at night, 10Mbit in office hours: back in yield the next evening, the base delay and the link's
+    peak are still known, and the moment's state (recent samples, a queue's age) starts afresh."""
+    office_hours = (parse_window({"days": "all", "from": "08:00", "to": "18:00", "limit": "10Mbit"}, 0),)
+    bandwidth = Bandwidth(YIELD, office_hours, 25, 0.0)
+    night = dt.datetime(2026, 11, 23, 6, 0)
+    bandwidth.current(0.0, night)
+    learned = bandwidth.yielding
+    for i in range(1, 40):
+        learned.on_rtt(0.002, i * 0.1, 5_000_000)
+    assert bandwidth.current(4.0, night.replace(hour=9)) == 1_250_000 and bandwidth.yielding is None
+    bandwidth.current(5.0, night.replace(hour=19))
+    assert bandwidth.yielding is learned
+    assert learned.base_delay_s == 0.002 and learned.peak_delivery_rate == 5_000_000
+    assert learned.probe_due(5.0) and learned.over_since is None
