@@ -216,6 +216,17 @@ def test_a_call_keeps_its_rate_and_little_delay_and_we_take_most_of_what_it_leav
     assert r.share(20.0, 45.0) >= 0.6 * (1 - call_share), f"we took {r.share(20.0, 45.0):.1%} of the link"
 
 
+def test_a_link_that_frees_up_after_a_smaller_peak_was_learned_is_taken_within_seconds():
+    """Started beside a call that took 80% (so the peak learned is the 20% left), the call ends: the rate
+    is above that peak with no queue, which says the peak was not the link's."""
+    r = Run()
+    r.run(20.0, ConstantFlow(0.8 * CAPACITY))
+    assert r.ctl.peak_delivery_rate <= 0.3 * CAPACITY
+    r.run(15.0)
+    back = r.first_held(20.0, 35.0, 0.85)
+    assert back is not None and back - 20.0 <= 6.0, f"85% of the link held from {back} (the call ended at 20 s)"
+
+
 def test_it_stays_near_the_floor_when_the_path_is_busy_from_the_start():
     """No peak is known yet, so nothing is foreign: plain LEDBAT against a flow that fills the buffer."""
     r = Run()

@@ -10,7 +10,8 @@ while we were not making way for someone): the link's capacity as we know it.
 
 - Under `target_s` the rate grows, in proportion to how far under: fast far
   below the peak, in ever smaller steps near and above it, because the queue
-  an overshoot builds is seen a probe or two late. It never grows past twice
+  an overshoot builds is seen a probe or two late. Above the peak with still
+  no queue, the step doubles every second (the peak was not the link's). It never grows past twice
   what is being delivered: with little to send no queue shows at any rate,
   and the rate must not be a burst waiting for the next large upload.
 - Over the target, whose queue is it? While we send, or are delivered, well
@@ -43,6 +44,7 @@ INSISTENT_QUEUE_S = 1.5  # a queue over target for this long counts as twice the
 # Growth per step under the target, by where the rate stands against the peak delivery rate: the nearer
 # the link's capacity, the smaller the step, because the queue an overshoot builds is seen late.
 GROWTH = ((0.5, 0.35), (0.8, 0.08), (1.0, 0.02), (float("inf"), 0.005))
+PROBE_DOUBLING_S = 1.0  # above the peak with no queue, the growth step doubles this often
 FLOOR_ESCAPE = 64 * 1024  # bytes per second per second added under target, so growth leaves the floor
 DRAIN_FRACTION = 0.9  # of the delivery rate, when our own queue is over target
 CEILING = 2.0  # of the delivery rate: with little to send, the rate holds rather than grows into a burst
@@ -101,6 +103,7 @@ class YieldController:
         self.next_probe = now
         self.last_update = now
         self.over_since: float | None = None
+        self.above_peak_since: float | None = None
         self.draining_until = self.drain_seen_from = 0.0
         self.previous_queue_s = 0.0
 
@@ -142,12 +145,13 @@ class YieldController:
             self._back_off(over, latest_queue_s, foreign, target, delivery_rate, steps, now)
         else:
             self.over_since = None
-            self._grow(over, peak, delivery_rate, steps)
+            self._grow(over, peak, delivery_rate, steps, now)
         self.rate = max(MIN_RATE, min(MAX_RATE, self.rate))
         self.previous_queue_s = latest_queue_s
 
     def _back_off(self, over: float, latest_queue_s: float, foreign: bool, target: float, delivery_rate: float,
                   steps: float, now: float) -> None:
+        self.above_peak_since = None
         if not foreign and latest_queue_s <= target:
             return  # our own queue, already draining: the cuts made while it grew suffice
         if now < self.draining_until:
@@ -172,9 +176,18 @@ class YieldController:
             self.draining_until = (now + latest_queue_s / (1.0 - DRAIN_FRACTION) + self.base_delay_s
                                    + len(self._recent) * self.probe_interval_s)
 
-    def _grow(self, over: float, peak: float | None, delivery_rate: float, steps: float) -> None:
+    def _grow(self, over: float, peak: float | None, delivery_rate: float, steps: float, now: float) -> None:
         standing = 0.0 if peak is None else self.rate / peak
         gain = next(g for below, g in GROWTH if standing < below)
+        if standing < 1.0:
+            self.above_peak_since = None
+        elif self.above_peak_since is None:
+            self.above_peak_since = now
+        else:
+            # Above the peak and still no queue: the peak was not the link's (it was learned while the rate
+            # was still rising, or the link got faster). Probing speeds up the longer that lasts, as CUBIC's
+            # window leaves its last maximum.
+            gain = min(GROWTH[0][1], gain * 2.0 ** ((now - self.above_peak_since) / PROBE_DOUBLING_S))
         grown = self.rate * (1.0 - gain * over) ** steps + FLOOR_ESCAPE * STEP_S * steps
         if delivery_rate > 0:
             # With little to send no queue shows, whatever the rate: it holds rather than grow into a burst.
