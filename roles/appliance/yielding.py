@@ -50,7 +50,7 @@ DRAIN_FRACTION = 0.9  # of the delivery rate, when our own queue is over target
 CEILING = 2.0  # of the delivery rate: with little to send, the rate holds rather than grows into a burst
 PEAK_HISTORY_S = 300.0  # an office link's capacity changes seldom; a competitor may stay for minutes
 PEAK_AGE_S = 2.0  # a peak is only a ceiling once it is this old: a rate that is rising is not one
-FOREIGN_BELOW = 0.8  # of the peak delivery rate: a queue seen while we send less is someone else's
+FOREIGN_BELOW = 0.8  # of the peak: a queue seen while we send, or are delivered, less is someone else's
 FOREIGN_TARGET = 0.5  # ... answered against this much of the target
 FOREIGN_OVER = 0.5  # ... and as one at least 1.5 times over it
 
