@@ -227,6 +227,23 @@ def test_a_link_that_frees_up_after_a_smaller_peak_was_learned_is_taken_within_s
     assert back is not None and back - 20.0 <= 6.0, f"85% of the link held from {back} (the call ended at 20 s)"
 
 
+def test_our_own_queue_is_drained_from_just_under_what_is_delivered_unless_it_keeps_growing():
+    ctl = YieldController(0.0, target_s=TARGET_S, start_rate=10_000_000, slowdown_every_s=1e9)
+    now = 0.0
+    for _ in range(50):  # no queue: 10 MB/s delivered
+        now += 0.1
+        ctl.on_rtt(0.001, now, 10_000_000)
+    ctl.rate = 10_500_000  # pacing 5% over what the link delivers builds a queue
+    for queue_s in (0.080, 0.080, 0.070, 0.050, 0.030):  # seen late, at three times the target, then draining
+        now += 0.1
+        ctl.on_rtt(0.001 + queue_s, now, 10_000_000)
+    assert ctl.current_rate(now) == pytest.approx(9_000_000, rel=0.02)
+    for queue_s in (0.040, 0.060, 0.080):  # growing again under that rate: not only ours
+        now += 0.1
+        ctl.on_rtt(0.001 + queue_s, now, 10_000_000)
+    assert ctl.current_rate(now) < 0.5 * 9_000_000
+
+
 def test_it_stays_near_the_floor_when_the_path_is_busy_from_the_start():
     """No peak is known yet, so nothing is foreign: plain LEDBAT against a flow that fills the buffer."""
     r = Run()

@@ -160,21 +160,24 @@ class YieldController:
             if now < self.drain_seen_from or latest_queue_s < self.previous_queue_s:
                 return
             self.draining_until = 0.0
-        if self.over_since is None:
+        first_sight = self.over_since is None
+        if first_sight:
             self.over_since = now
-        # A queue we built ourselves drains once we slow down a little; one that stays is someone
-        # else's, and the longer it stays the harder we back off.
+        if first_sight and not foreign and delivery_rate > 0:
+            # Our own queue: we send more than the path delivers. Just under that, the queue drains (in
+            # 1 / (1 - DRAIN_FRACTION) times its delay) and is seen draining a few probes later; a cut by
+            # how far over the queue is would take the rate far under what the link can carry.
+            self.rate = min(self.rate, DRAIN_FRACTION * delivery_rate)
+            self.drain_seen_from = now + self.base_delay_s + latest_queue_s + self.probe_interval_s
+            self.draining_until = (now + latest_queue_s / (1.0 - DRAIN_FRACTION) + self.base_delay_s
+                                   + len(self._recent) * self.probe_interval_s)
+            return
+        # A queue that stays over the target after that is not only ours (or we know nothing of what is
+        # delivered): the longer it stays the harder we back off.
         over += (now - self.over_since) / INSISTENT_QUEUE_S
         if foreign:
             over = max(over, FOREIGN_OVER)
         self.rate *= (1.0 - DECREASE_AT_TWICE_TARGET * min(1.0, over)) ** steps
-        if not foreign and delivery_rate > 0 and self.rate > DRAIN_FRACTION * delivery_rate:
-            # Our own queue: we send more than the path delivers. Just under that, the queue drains
-            # (in 1 / (1 - DRAIN_FRACTION) times its delay) and is seen draining a few probes later.
-            self.rate = DRAIN_FRACTION * delivery_rate
-            self.drain_seen_from = now + self.base_delay_s + latest_queue_s + self.probe_interval_s
-            self.draining_until = (now + latest_queue_s / (1.0 - DRAIN_FRACTION) + self.base_delay_s
-                                   + len(self._recent) * self.probe_interval_s)
 
     def _grow(self, over: float, peak: float | None, delivery_rate: float, steps: float, now: float) -> None:
         standing = 0.0 if peak is None else self.rate / peak
