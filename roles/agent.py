@@ -71,7 +71,7 @@ class Agent:
         self.link = self._connect(t)
         self.status_sock = make_router(self.ctx, status_endpoint(config), mandatory=False)
         self.status_out = Outbox(self.status_sock, encode)
-        self.bandwidth = Bandwidth(config.limit, config.schedule, config.yield_target_ms, t)
+        self.bandwidth = Bandwidth(config.limit, config.schedule, config.yield_target_ms)
         self.wire = WireScheduler(config.wire_window, t)
         self.rate: int | None = None
         self.queue: deque = deque()  # PendingSnapshot, most urgent first

@@ -264,7 +264,7 @@ def test_with_little_to_send_the_rate_holds_at_twice_what_was_delivered():
 
 
 def test_status_shows_what_the_controller_knows_and_a_reload_changes_the_target():
-    bandwidth = Bandwidth(YIELD, (), 25, 0.0)
+    bandwidth = Bandwidth(YIELD, (), 25)
     rate = bandwidth.current(0.0)
     for i in range(1, 40):
         bandwidth.yielding.on_rtt(0.002, i * 0.1, 5_000_000)
@@ -282,7 +282,7 @@ def test_a_fixed_limit_window_in_between_keeps_what_was_learned_of_the_path():
     """yield at night, 10Mbit in office hours: back in yield the next evening, the base delay and the link's
     peak are still known, and the moment's state (recent samples, a queue's age) starts afresh."""
     office_hours = (parse_window({"days": "all", "from": "08:00", "to": "18:00", "limit": "10Mbit"}, 0),)
-    bandwidth = Bandwidth(YIELD, office_hours, 25, 0.0)
+    bandwidth = Bandwidth(YIELD, office_hours, 25)
     night = dt.datetime(2026, 11, 23, 6, 0)
     bandwidth.current(0.0, night)
     learned = bandwidth.yielding

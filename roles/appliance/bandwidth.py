@@ -11,20 +11,23 @@ from roles.units import format_bytes
 
 
 class Bandwidth:
-    def __init__(self, limit, schedule: tuple, target_ms: int, now: float):
+    def __init__(self, limit, schedule: tuple, target_ms: int):
         self.limit = limit
         self.schedule = schedule
         self.target_ms = target_ms
-        self.yielding: YieldController | None = None  # the controller, while yield is the limit in force
-        self._controller: YieldController | None = None
+        self._controller: YieldController | None = None  # kept across fixed-limit windows
         self.set_by = "limit"
         self.mode = None
-        self._now = now
 
     def reconfigure(self, limit, schedule: tuple, target_ms: int) -> None:
         self.limit, self.schedule, self.target_ms = limit, schedule, target_ms
         if self._controller is not None:
             self._controller.target_s = target_ms / 1000
+
+    @property
+    def yielding(self) -> YieldController | None:
+        """The yield controller while yield is the limit in force."""
+        return self._controller if self.mode == YIELD else None
 
     def current(self, now: float, moment: dt.datetime | None = None) -> int | None:
         """Bytes per second allowed now (None: unlimited)."""
@@ -33,12 +36,10 @@ class Bandwidth:
         if mode == YIELD:
             if self._controller is None:
                 self._controller = YieldController(now, target_s=self.target_ms / 1000)
-            elif self.yielding is None:
+            elif self.mode != YIELD:
                 self._controller.resume(now)  # back from a fixed limit: the path's base delay and peak stay
-            self.yielding = self._controller
             self.mode = YIELD
-            return self.yielding.current_rate(now)
-        self.yielding = None
+            return self._controller.current_rate(now)
         self.mode = mode
         return mode
 

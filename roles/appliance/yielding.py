@@ -11,9 +11,10 @@ while we were not making way for someone): the link's capacity as we know it.
 - Under `target_s` the rate grows, in proportion to how far under: fast far
   below the peak, in ever smaller steps near and above it, because the queue
   an overshoot builds is seen a probe or two late. Above the peak with still
-  no queue, the step doubles every second (the peak was not the link's). It never grows past twice
-  what is being delivered: with little to send no queue shows at any rate,
-  and the rate must not be a burst waiting for the next large upload.
+  no queue, the step doubles every second (the peak was not the link's). It
+  never grows past twice what is being delivered: with little to send no
+  queue shows at any rate, and the rate must not be a burst waiting for the
+  next large upload.
 - Over the target, whose queue is it? While we send, or are delivered, well
   under the peak, we cannot have built it: it is someone else's (`foreign`),
   answered against half the target and with a cut of at least a quarter per
@@ -153,7 +154,7 @@ class YieldController:
                   steps: float, now: float) -> None:
         self.above_peak_since = None
         if not foreign and latest_queue_s <= target:
-            return  # our own queue, already draining: the cuts made while it grew suffice
+            return  # our own queue, and the newest ping says it is already draining
         if now < self.draining_until:
             # Our own queue, given the time it takes to drain, as long as it is seen draining once the
             # pings sent after our cut come back: one that still grows then is not only ours.
