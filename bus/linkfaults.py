@@ -39,6 +39,9 @@ class LinkFaults:
             return False
         return True
 
+    def next_due(self) -> float | None:
+        return self._held[0][0] if self._held else None
+
     def due(self, now: float) -> list:
         out = []
         while self._held and self._held[0][0] <= now:

@@ -22,7 +22,7 @@ from roles.config import StorageConfig
 from roles.process import MAX_POLL_MS, StopFlag, client_security, now
 from roles.storenode.assembly import PieceAssembler
 from roles.storenode.chunkstore import ChunkStore
-from roles.storenode.durable import remove_temp_files
+from roles.durable import remove_temp_files
 from roles.storenode.faults import DiskFaults
 from roles.storenode.manifests import ManifestStore
 from roles.storenode.ownership import DeviceChunks

@@ -100,10 +100,11 @@ def make(t: str, payload: Sequence = (), **fields) -> Message:
     return Message(t, checked, tuple(payload))
 
 
-def encode(message: Message) -> list:
-    """Frames for the wire: header, then payload frames untouched (no copies)."""
+def encode(message: Message, pack=pack_header) -> list:
+    """Frames for the wire: header, then payload frames untouched (no copies).
+    `pack(header) -> bytes`: a reused msgpack Packer's `pack` (bus.sockets.Outbox)."""
     header = {"v": PROTOCOL_VERSION, "t": message.t, **message.fields}
-    return [pack_header(header), *message.payload]
+    return [pack(header), *message.payload]
 
 
 def error_message(exc: ProtocolError | Exception, ref: str | None = None, **extra) -> Message:

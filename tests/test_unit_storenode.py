@@ -8,7 +8,7 @@ import zstandard
 
 from bus.errors import RequestError
 from roles.storenode.chunkstore import ChunkStore
-from roles.storenode.durable import TEMP_SUFFIX, remove_temp_files, write_durable
+from roles.durable import TEMP_SUFFIX, remove_temp_files, write_durable
 from roles.storenode.manifests import ManifestStore
 from roles.storenode.sessions import UploadSession
 from roles.storenode.verify import hash_pieces

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import msgpack
 
+from roles.geometry import chunk_count_for
+
 SUFFIX = ".changes"
 
 
@@ -92,7 +94,7 @@ def known_names(pending, previous: str | None, snapshots_between: bool, names: N
         touched = changed_chunks(parse_changes(sidecar, pending.size), chunk_size)
     except (OSError, ChangesError) as exc:
         return None, f"unusable sidecar: {exc}"
-    count = (pending.size + chunk_size - 1) // chunk_size
+    count = chunk_count_for(pending.size, chunk_size)
     prior_names = prior["names"]
     # a chunk the previous image ended inside, or did not have, is read too
     last_full = prior["image_size"] // chunk_size

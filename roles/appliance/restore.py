@@ -18,13 +18,13 @@ import blake3
 import zmq
 
 from bus.errors import CODES, RequestError
-from roles.appliance.chunker import zeros
 from roles.appliance.endpoints import choose_endpoint
 from roles.appliance.link import BrokerLink
 from roles.config import AgentConfig
 from roles.process import MAX_POLL_MS, client_security, now
-from roles.storenode.chunkstore import decode_payload
-from roles.storenode.durable import fsync_dir
+from roles.chunkdata import decode_and_verify, feed_zeros
+from roles.geometry import ImageGeometry
+from roles.durable import fsync_dir
 from schemas import make
 
 RESTORE_WINDOW = 32 * 1024 * 1024
@@ -54,18 +54,18 @@ class ImageWriter:
             raise RequestError("BLOCK before IMAGE", "bad_state")
         if index != self.next_index:
             raise RequestError(f"chunk {index} arrived, expected {self.next_index}", "bad_state")
-        expected_len = min(self.chunk_size, self.image_size - index * self.chunk_size)
+        expected_len = ImageGeometry(self.image_size, self.chunk_size).chunk_len(index)
         if raw_len != expected_len:
             raise RequestError(f"chunk {index} is {raw_len} bytes, expected {expected_len}", "bad_chunk")
         if name is None:
-            self.hasher.update(zeros(raw_len))  # the file is already zero there (ftruncate)
+            feed_zeros(self.hasher, raw_len)  # the file is already zero there (ftruncate)
         else:
             if payload is None:
                 raise RequestError(f"chunk {index} has no data", "bad_chunk")
-            raw = decode_payload(codec, payload, raw_len)
-            if blake3.blake3(raw).digest() != name:
-                raise RequestError(f"chunk {index} does not match its blake3: the cloud copy is damaged",
-                                   "bad_chunk")
+            try:
+                raw = decode_and_verify(codec, payload, raw_len, name)
+            except RequestError as exc:
+                raise RequestError(f"chunk {index}: {exc.reason}: the cloud copy is damaged", "bad_chunk") from None
             os.pwrite(self.fd, raw, index * self.chunk_size)
             self.hasher.update(raw)
         self.next_index += 1

@@ -24,6 +24,7 @@ from bus.credit import SendCredit
 from bus.errors import RequestError
 from roles.appliance.chunker import compress, read_and_hash, read_chunk
 from roles.appliance.scanner import PendingSnapshot
+from roles.geometry import ImageGeometry
 from schemas import make
 
 BATCH_CHUNKS = 16
@@ -37,7 +38,8 @@ class Upload:
         self.pending = pending
         self.chunk_size = pending.dataset.chunk_size
         self.image_size = pending.size
-        self.chunk_count = (self.image_size + self.chunk_size - 1) // self.chunk_size
+        self.geometry = ImageGeometry(self.image_size, self.chunk_size)
+        self.chunk_count = self.geometry.chunk_count
         self._submit = submit
         self._send = send
         self._hash_image = hash_image  # callable(pieces, final: bool) on the ordered hasher
@@ -278,7 +280,7 @@ class Upload:
         return self._hashing > 0 or self._compressing > 0
 
     def _chunk_len(self, index: int) -> int:
-        return min(self.chunk_size, self.image_size - index * self.chunk_size)
+        return self.geometry.chunk_len(index)
 
     # --- reporting -----------------------------------------------------------
 

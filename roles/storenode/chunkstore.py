@@ -10,34 +10,11 @@ before anything touches the disk.
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
-import blake3
-import zstandard
-
 from bus.errors import RequestError
-from roles.storenode.durable import write_durable
-
-MAGIC = b"SC"
-FORMAT = 1
-CODEC_IDS = {"raw": 0, "zstd": 1}
-CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
-HEADER = struct.Struct(">2sBBI")
-
-
-def decode_payload(codec: str, data, raw_len: int) -> bytes:
-    """Raw bytes of a chunk payload; RequestError(bad_chunk) if it does not decode to raw_len."""
-    if codec == "raw":
-        raw = bytes(data)
-    else:
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
-        except zstandard.ZstdError as exc:
-            raise RequestError(f"chunk does not decompress: {exc}", "bad_chunk") from None
-    if len(raw) != raw_len:
-        raise RequestError(f"chunk is {len(raw)} bytes, announced {raw_len}", "bad_chunk")
-    return raw
+from roles.chunkdata import decode_and_verify, pack_chunk_header, parse_chunk_file
+from roles.durable import write_durable
 
 
 class ChunkStore:
@@ -59,13 +36,11 @@ class ChunkStore:
         Runs on a store thread. Raises RequestError(bad_chunk) when the bytes
         do not match the name: nothing is written then.
         """
-        raw = decode_payload(codec, payload, raw_len)
-        if blake3.blake3(raw).digest() != name:
-            raise RequestError("chunk bytes do not match their blake3 name", "bad_chunk")
+        raw = decode_and_verify(codec, payload, raw_len, name)
         path = self.path_for(name)
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
-            header = HEADER.pack(MAGIC, FORMAT, CODEC_IDS[codec], raw_len)
+            header = pack_chunk_header(codec, raw_len)
             write_durable(path, [header, payload], self.write_hook)
         return raw
 
@@ -75,23 +50,19 @@ class ChunkStore:
             blob = self.path_for(name).read_bytes()
         except FileNotFoundError:
             raise RequestError(f"chunk {name.hex()[:16]} is not stored", "not_found") from None
-        if len(blob) < HEADER.size:
-            raise RequestError(f"chunk {name.hex()[:16]} is truncated", "storage_error")
-        magic, fmt, codec_id, raw_len = HEADER.unpack_from(blob)
-        if magic != MAGIC or fmt != FORMAT or codec_id not in CODEC_NAMES:
-            raise RequestError(f"chunk {name.hex()[:16]} has a bad header", "storage_error")
-        return CODEC_NAMES[codec_id], raw_len, blob[HEADER.size:]
+        try:
+            codec, raw_len, payload = parse_chunk_file(blob)
+        except ValueError as exc:
+            raise RequestError(f"chunk {name.hex()[:16]}: {exc}", "storage_error") from None
+        return codec, raw_len, bytes(payload)
 
     def read_raw(self, name: bytes) -> bytes:
         """The chunk's raw bytes, verified against its name."""
         codec, raw_len, payload = self.read_stored(name)
         try:
-            raw = decode_payload(codec, payload, raw_len)
+            return decode_and_verify(codec, payload, raw_len, name)
         except RequestError:
             raise RequestError(f"chunk {name.hex()[:16]} is damaged", "storage_error") from None
-        if blake3.blake3(raw).digest() != name:
-            raise RequestError(f"chunk {name.hex()[:16]} is damaged", "storage_error")
-        return raw
 
     def space(self) -> tuple[int, int]:
         """(free_bytes, used_bytes) of the store's filesystem."""

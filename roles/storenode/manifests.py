@@ -15,7 +15,8 @@ from pathlib import Path
 import msgpack
 
 from bus.errors import RequestError
-from roles.storenode.durable import write_durable
+from roles.geometry import ImageGeometry
+from roles.durable import write_durable
 from schemas import is_valid_id
 
 
@@ -33,10 +34,12 @@ class Manifest:
     def chunk_count(self) -> int:
         return len(self.chunks)
 
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry(self.image_size, self.chunk_size)
+
     def chunk_len(self, index: int) -> int:
-        if index < self.chunk_count - 1:
-            return self.chunk_size
-        return self.image_size - self.chunk_size * (self.chunk_count - 1)
+        return self.geometry.chunk_len(index)
 
     def to_bytes(self) -> bytes:
         return msgpack.packb({
@@ -50,10 +53,6 @@ class Manifest:
         d = msgpack.unpackb(blob, raw=False)
         return cls(d["device_id"], d["dataset"], d["snapshot"], d["image_size"], d["chunk_size"],
                    d["image_blake3"], tuple(d["chunks"]))
-
-
-def chunk_count_for(image_size: int, chunk_size: int) -> int:
-    return (image_size + chunk_size - 1) // chunk_size
 
 
 class ManifestStore:

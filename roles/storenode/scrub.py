@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import blake3
 
 from bus.errors import RequestError
-from roles.storenode.chunkstore import ChunkStore, decode_payload
+from roles.chunkdata import decode_and_verify, parse_chunk_file
+from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.manifests import Manifest, ManifestStore
 
 
@@ -40,23 +40,17 @@ class ScrubReport:
 
 def _check_chunk(path: Path) -> str | None:
     """None if the chunk file is whole and matches its name, else the reason."""
-    from roles.storenode.chunkstore import CODEC_NAMES, FORMAT, HEADER, MAGIC
     try:
         name = bytes.fromhex(path.name)
     except ValueError:
         return "file name is not a chunk name"
-    blob = path.read_bytes()
-    if len(blob) < HEADER.size:
-        return "truncated"
-    magic, fmt, codec_id, raw_len = HEADER.unpack_from(blob)
-    if magic != MAGIC or fmt != FORMAT or codec_id not in CODEC_NAMES:
-        return "bad header"
     try:
-        raw = decode_payload(CODEC_NAMES[codec_id], blob[HEADER.size:], raw_len)
+        codec, raw_len, payload = parse_chunk_file(path.read_bytes())
+        decode_and_verify(codec, payload, raw_len, name)
+    except ValueError as exc:
+        return str(exc)
     except RequestError as exc:
         return exc.reason
-    if blake3.blake3(raw).digest() != name:
-        return "bytes do not match the name"
     return None
 
 

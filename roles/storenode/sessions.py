@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bus.errors import RequestError
-from roles.storenode.manifests import Manifest, chunk_count_for
+from roles.geometry import ImageGeometry
+from roles.storenode.manifests import Manifest
 
 MAX_ARRIVED_BYTES = 64 * 1024 * 1024
 
@@ -43,9 +44,8 @@ class UploadSession:
     hash_error: Exception | None = None  # set on the image thread, read there at commit
 
     def __post_init__(self):
-        if chunk_count_for(self.image_size, self.chunk_size) != self.chunk_count:
-            raise RequestError(
-                f"{self.chunk_count} chunks do not cover {self.image_size} bytes at {self.chunk_size}", "bad_field")
+        self.geometry = ImageGeometry(self.image_size, self.chunk_size)
+        self.geometry.validate(self.chunk_count)
 
     def record_slice(self, start: int, names: list, owns, in_flight=lambda name: False) -> list:
         """Accept manifest entries [start, start+len); return missing indexes.
@@ -87,7 +87,7 @@ class UploadSession:
         self.awaiting.discard(name)
 
     def chunk_len(self, index: int) -> int:
-        return min(self.chunk_size, self.image_size - index * self.chunk_size)
+        return self.geometry.chunk_len(index)
 
     def hashable_pieces(self, owns) -> list:
         """Advance the cursor over what can be hashed now, in order:

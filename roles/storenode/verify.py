@@ -8,16 +8,8 @@ needs no second pass over the image.
 from __future__ import annotations
 
 from bus.errors import RequestError
-from roles.storenode.chunkstore import ChunkStore, decode_payload
-
-_ZEROS = bytes(1024 * 1024)
-
-
-def _feed_zeros(hasher, n: int) -> None:
-    while n > 0:
-        step = min(n, len(_ZEROS))
-        hasher.update(memoryview(_ZEROS)[:step])
-        n -= step
+from roles.chunkdata import decode_payload, feed_zeros
+from roles.storenode.chunkstore import ChunkStore
 
 
 def _load(store: ChunkStore, index: int, name: bytes, expected: int) -> bytes:
@@ -36,6 +28,6 @@ def hash_pieces(hasher, store: ChunkStore, pieces: list) -> None:
     without raw bytes is all zeros (name None) or read back from the store."""
     for index, name, raw, length in pieces:
         if name is None:
-            _feed_zeros(hasher, length)
+            feed_zeros(hasher, length)
         else:
             hasher.update(raw if raw is not None else _load(store, index, name, length))

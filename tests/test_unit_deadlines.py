@@ -1,0 +1,47 @@
+"""The deadline queue and the fake clock: what every core's timers stand on."""
+
+import pytest
+
+from bus.clock import FakeClock
+from bus.deadlines import Deadlines
+
+
+def test_pop_due_returns_only_what_is_due_in_order():
+    d = Deadlines()
+    d.schedule("b", 20.0)
+    d.schedule("a", 10.0)
+    d.schedule("c", 30.0)
+    assert d.pop_due(5.0) == []
+    assert d.pop_due(20.0) == ["a", "b"]
+    assert d.next_due() == 30.0
+    assert len(d) == 1
+
+
+def test_rescheduling_replaces_and_cancel_removes():
+    d = Deadlines()
+    d.schedule("peer", 10.0)
+    d.schedule("peer", 25.0)
+    assert d.pop_due(15.0) == []
+    assert d.due_at("peer") == 25.0
+    d.cancel("peer")
+    assert d.pop_due(100.0) == []
+    assert d.next_due() is None
+
+
+def test_stale_entries_do_not_grow_without_bound():
+    d = Deadlines()
+    for i in range(10_000):
+        d.schedule("peer", float(i))
+    assert len(d._heap) < 200
+    assert d.pop_due(1e9) == ["peer"]
+
+
+def test_fake_clock_moves_only_forward_when_told():
+    clock = FakeClock(100.0)
+    assert clock.now() == 100.0
+    clock.advance(2.5)
+    assert clock.now() == 102.5
+    clock.jump(110.0)
+    assert clock.now() == 110.0
+    with pytest.raises(ValueError):
+        clock.advance(-1)
