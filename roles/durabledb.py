@@ -10,9 +10,10 @@ import sqlite3
 from pathlib import Path
 
 
-def open_durable(directory: str, filename: str, schema: str) -> sqlite3.Connection:
+def open_durable(directory: str, filename: str, schema: str, check_same_thread: bool = True) -> sqlite3.Connection:
+    """`check_same_thread=False` for a connection handed to one other thread (the broker's catalog pool)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(Path(directory) / filename, isolation_level=None)
+    db = sqlite3.connect(Path(directory) / filename, isolation_level=None, check_same_thread=check_same_thread)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(schema)

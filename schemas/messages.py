@@ -48,11 +48,13 @@ class MessageType:
     payload: tuple = (0, 0)  # (min, max) payload frames
     max_header: int = SMALL_HEADER
     planned: bool = False
+    via: tuple = ()  # roles that pass it on between sender and receiver (the broker)
 
 
-def _t(name, senders, receivers, purpose, fields=None, payload=(0, 0), max_header=SMALL_HEADER, planned=False):
+def _t(name, senders, receivers, purpose, fields=None, payload=(0, 0), max_header=SMALL_HEADER, planned=False,
+       via=""):
     return MessageType(name, tuple(senders.split()), tuple(receivers.split()), purpose,
-                       dict(fields or {}), payload, max_header, planned)
+                       dict(fields or {}), payload, max_header, planned, tuple(via.split()))
 
 
 TRANSFER = {"transfer_id": Id()}
@@ -85,28 +87,28 @@ _DECLARED = [
     _t("QUERY", "agent", "node", "a slice of the manifest in order: which of these do you lack? (nil = zero chunk)",
        {**TRANSFER, "start": Int(max=MAX_CHUNKS), "hashes": ListOf(item=Bin(size=32, max_len=32, nullable=True),
                                                                   max_items=MAX_HASHES_PER_QUERY)},
-       max_header=QUERY_HEADER),
+       max_header=QUERY_HEADER, via="broker"),
     _t("MISSING", "node", "agent", "indexes of that slice this device has not stored (each name once per transfer)",
        {**TRANSFER, "start": Int(max=MAX_CHUNKS), "count": Int(max=MAX_HASHES_PER_QUERY),
         "missing": ListOf(item=Int(max=MAX_CHUNKS), max_items=MAX_HASHES_PER_QUERY)},
-       max_header=QUERY_HEADER),
+       max_header=QUERY_HEADER, via="broker"),
     _t("CREDIT", "broker agent", "agent node", "grant the right to send this many more payload bytes",
-       {**TRANSFER, "bytes": Int(max=2**40)}),
+       {**TRANSFER, "bytes": Int(max=2**40)}, via="broker"),
     _t("CHUNK", "agent", "node", "a chunk's bytes (zstd or raw), named by blake3 of the raw bytes; a paced "
        "sender may split them into pieces at `offset` of `total` payload bytes, sent in order",
        {**TRANSFER, "hash": HASH, "raw_len": Int(min=1, max=MAX_CHUNK_SIZE), "codec": Str(choices=CODECS),
         "offset": Int(max=MAX_CHUNK_SIZE + 65536, required=False),
         "total": Int(min=1, max=MAX_CHUNK_SIZE + 65536, required=False)},
-       payload=(1, 1)),
+       payload=(1, 1), via="broker"),
     _t("DELTA", "agent", "node", "a changed chunk as its base chunk plus the 4 KiB pages that differ",
        {**TRANSFER, "hash": HASH, "base_hash": HASH, "raw_len": Int(min=1, max=MAX_CHUNK_SIZE),
         "pages": ListOf(item=Int(max=MAX_CHUNK_SIZE // 4096), max_items=MAX_CHUNK_SIZE // 4096),
         "codec": Str(choices=CODECS)},
-       payload=(1, 1), planned=True),
+       payload=(1, 1), planned=True, via="broker"),
     _t("STORED", "node", "agent", "the chunk is durable (fsync'd, renamed); its credit returns",
-       {**TRANSFER, "hash": HASH, "raw_len": Int(max=MAX_CHUNK_SIZE), "wire_len": Int(max=MAX_CHUNK_SIZE + 65536)}),
+       {**TRANSFER, "hash": HASH, "raw_len": Int(max=MAX_CHUNK_SIZE), "wire_len": Int(max=MAX_CHUNK_SIZE + 65536)}, via="broker"),
     _t("COMMIT", "agent", "node", "every chunk is sent: verify against the image blake3 (nil: the node computes it) and commit",
-       {**TRANSFER, "image_blake3": Bin(size=32, max_len=32, nullable=True)}),
+       {**TRANSFER, "image_blake3": Bin(size=32, max_len=32, nullable=True)}, via="broker"),
     _t("COMMITTED", "node", "broker agent", "the snapshot is verified against its image blake3 and durable",
        {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(), "image_size": Int(max=MAX_IMAGE_SIZE),
         "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}),
@@ -117,11 +119,11 @@ _DECLARED = [
        {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(), "window": Int(min=1, max=2**34)}),
     _t("IMAGE", "node", "agent", "restore header: what the image is",
        {**TRANSFER, "image_size": Int(max=MAX_IMAGE_SIZE), "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE),
-        "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}),
+        "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}, via="broker"),
     _t("BLOCK", "node", "agent", "one chunk of a restore in order; no payload for a zero chunk",
        {**TRANSFER, "index": Int(max=MAX_CHUNKS), "hash": Bin(size=32, max_len=32, nullable=True),
         "raw_len": Int(max=MAX_CHUNK_SIZE), "codec": Str(choices=CODECS)},
-       payload=(0, 1)),
+       payload=(0, 1), via="broker"),
     _t("ERROR", "agent broker node", "agent broker node operator", "a refusal with a stable code and a human reason",
        {"code": Str(max_len=32), "reason": Str(max_len=1024), "ref": Str(max_len=32, required=False),
         "transfer_id": Id(required=False), "req": Int(required=False), "hash": Bin(size=32, max_len=32, required=False)}),

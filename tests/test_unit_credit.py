@@ -1,19 +1,16 @@
-"""Credit accounting in bytes: the broker's per-transfer bookkeeping and the pools."""
+"""Credit accounting in bytes: the pools, each upload's ledger, and the
+broker's real grant rule (`CreditScheduler`), under a random schedule."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from bus.credit import CreditPool, SendCredit
 from bus.errors import RequestError
-from roles.controller.transfers import Transfer
+from roles.controller.credit import CreditScheduler, UploadLedger
 
 MiB = 1 << 20
-
-
-def upload(window=8 * MiB, chunks=64):
-    return Transfer("t-1", "upload", "dev", "ds", "s1", "node-a", b"r", 1, image_size=chunks * MiB,
-                    chunk_size=MiB, chunk_count=chunks, window=window, state="active")
 
 
 def test_send_credit_never_goes_negative():
@@ -32,56 +29,69 @@ def test_pool_grants_at_most_its_window_and_clamps_bad_returns():
     assert pool.outstanding == 0
 
 
-def test_no_credit_is_wanted_beyond_demand():
-    t = upload()
-    assert t.credit_wanted() == 0
-    t.on_missing(0, 16, [0, 1])
-    assert t.credit_wanted() == 2 * MiB
-    assert t.bytes_done == 14 * MiB
+def test_no_credit_is_wanted_beyond_demand_or_window():
+    ledger = UploadLedger(window=8 * MiB)
+    assert ledger.wanted() == 0
+    ledger.demand += 2 * MiB
+    assert ledger.wanted() == 2 * MiB
+    ledger.demand += 20 * MiB
+    assert ledger.wanted() == 8 * MiB
 
 
-def test_sending_beyond_credit_is_refused():
-    t = upload()
-    t.on_missing(0, 16, [0])
-    t.holding = 1000
+def test_sending_beyond_credit_is_refused_and_changes_nothing():
+    ledger = UploadLedger(window=8 * MiB, demand=MiB, holding=1000)
     with pytest.raises(RequestError) as info:
-        t.on_chunk_sent(b"a" * 32, 5000, MiB)
+        ledger.spend(b"a" * 32, 5000, MiB, None, None)
     assert info.value.code == "credit_exceeded"
+    assert (ledger.holding, ledger.in_flight_bytes, ledger.demand) == (1000, 0, MiB)
+
+
+def test_a_short_pool_queues_the_upload_and_serves_it_first_when_credit_returns():
+    credit = CreditScheduler()
+    credit.add_node("n", 2 * MiB)
+    a = SimpleNamespace(transfer_id="a", chunk_size=MiB, ledger=UploadLedger(window=2 * MiB, demand=2 * MiB))
+    b = SimpleNamespace(transfer_id="b", chunk_size=MiB, ledger=UploadLedger(window=2 * MiB, demand=2 * MiB))
+    assert credit.grant("n", "a", a.ledger, MiB) == 2 * MiB
+    assert credit.grant("n", "b", b.ledger, MiB) == 0
+    assert credit.is_waiting("n", "b")
+    credit.release("n", a.ledger.release_holding())
+    served = credit.serve_waiting("n", {"a": a, "b": b}.get)
+    assert [(t.transfer_id, n) for t, n in served] == [("b", 2 * MiB)]
 
 
 def test_random_schedule_keeps_node_outstanding_within_window():
-    """Several uploads share one node's pool; whatever the order of events,
-    holding + in flight summed over uploads equals the pool's outstanding and
-    never exceeds the window, and every chunk is eventually sent."""
+    """Several uploads share one node's pool through the scheduler's grant
+    rule; whatever the order of events, holding + in flight summed over
+    uploads equals the pool's outstanding and never exceeds the window, and
+    every chunk is eventually sent."""
     rng = random.Random(7)
-    pool = CreditPool(6 * MiB)
-    uploads = [upload(window=4 * MiB, chunks=32) for _ in range(3)]
-    for i, t in enumerate(uploads):
-        t.transfer_id = f"t-{i}"
-        t.on_missing(0, 32, list(range(32)))
-    to_send = {t.transfer_id: list(range(32)) for t in uploads}
+    credit = CreditScheduler()
+    pool = credit.add_node("n", 6 * MiB)
+    uploads = {f"t-{i}": SimpleNamespace(transfer_id=f"t-{i}", chunk_size=MiB,
+                                         ledger=UploadLedger(window=4 * MiB, demand=32 * MiB)) for i in range(3)}
+    to_send = {tid: list(range(32)) for tid in uploads}
     sent_total = 0
     for _ in range(20000):
-        t = rng.choice(uploads)
+        t = rng.choice(list(uploads.values()))
         action = rng.random()
         if action < 0.4:
-            wanted = t.credit_wanted()
-            if wanted and pool.free >= min(wanted, MiB + 1024):
-                t.holding += pool.take(wanted)
+            if not credit.is_waiting("n", t.transfer_id):
+                credit.grant("n", t.transfer_id, t.ledger, MiB)
         elif action < 0.75 and to_send[t.transfer_id]:
             wire = rng.randint(MiB // 4, MiB)
-            if wire <= t.holding:
+            if wire <= t.ledger.holding:
                 index = to_send[t.transfer_id].pop(0)
-                t.on_chunk_sent(index.to_bytes(32, "big"), wire, MiB)
+                t.ledger.spend(index.to_bytes(32, "big"), wire, MiB, None, None)
                 sent_total += 1
-        elif t.in_flight:
-            name = rng.choice(list(t.in_flight))
-            pool.release(t.on_chunk_done(name, stored=True))
-        assert sum(u.holding + u.in_flight_bytes for u in uploads) == pool.outstanding <= pool.window
-        if sent_total == 96 and not any(u.in_flight for u in uploads):
+        elif t.ledger.in_flight:
+            name = rng.choice(list(t.ledger.in_flight))
+            credit.release("n", t.ledger.done(name)[0])
+            credit.serve_waiting("n", uploads.get)
+        assert sum(u.ledger.holding + u.ledger.in_flight_bytes for u in uploads.values()) == pool.outstanding
+        assert pool.outstanding <= pool.window
+        if sent_total == 96 and not any(u.ledger.in_flight for u in uploads.values()):
             break
     assert sent_total == 96
-    assert all(u.bytes_done == 32 * MiB for u in uploads)
-    for u in uploads:
-        pool.release(u.release_all())
+    for u in uploads.values():
+        credit.release("n", u.ledger.release_all())
     assert pool.outstanding == 0

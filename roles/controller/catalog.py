@@ -1,14 +1,22 @@
 """The cloud catalog: committed snapshots, kept durably by the broker (SQLite).
 
+Two halves, so that no SQLite commit (synchronous=FULL: an fsync each) runs
+on the broker's loop:
+- `CatalogStore` owns the database and runs only on the "catalog" pool's one
+  thread. The controller calls it through `Submit` effects; each result
+  comes back as `completed()`.
+- `CatalogIndex` is the in-memory placement index the loop reads at once:
+  which node holds a dataset, and how many datasets each node holds.
+
 A snapshot is in the catalog only after its storage node committed it
-(verified, manifest durable), and the row is committed with synchronous=FULL
-before the agent is told. The catalog also answers placement: which node
-holds a dataset, and how many datasets each node holds.
+(verified, manifest durable), and the row is committed before the agent is
+told. A dataset's placement is durable before its first upload is opened.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from roles.durabledb import open_durable
 
@@ -31,61 +39,75 @@ CREATE TABLE IF NOT EXISTS placements (
     PRIMARY KEY (device_id, dataset)
 );
 """
+COLUMNS = "device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at"
 
 
-class Catalog:
+class CatalogStore:
+    """The SQLite side. After construction, used from one thread only (the catalog pool's)."""
+
     def __init__(self, data_dir: str):
-        self.db = open_durable(data_dir, "catalog.sqlite3", SCHEMA)
-        self._placement: dict[tuple, str] = {}
-        self._datasets_per_node: dict[str, set] = {}
+        self.db = open_durable(data_dir, "catalog.sqlite3", SCHEMA, check_same_thread=False)
+
+    def placements(self) -> list[tuple]:
+        """(device, dataset, node) of every dataset; a committed snapshot's node wins."""
+        out = {}
+        for device, dataset, node in self.db.execute("SELECT device_id, dataset, node_id FROM placements"):
+            out[(device, dataset)] = node
         for device, dataset, node in self.db.execute(
                 "SELECT device_id, dataset, node_id FROM snapshots GROUP BY device_id, dataset"):
-            self._place(device, dataset, node)
-        for device, dataset, node in self.db.execute("SELECT device_id, dataset, node_id FROM placements"):
-            if (device, dataset) not in self._placement:
-                self._place(device, dataset, node)
+            out[(device, dataset)] = node
+        return [(d, s, n) for (d, s), n in out.items()]
 
-    def place(self, device_id: str, dataset: str, node_id: str) -> None:
-        """Record where a dataset's first upload goes (durably, once)."""
-        if (device_id, dataset) in self._placement:
-            return
-        self.db.execute("INSERT OR IGNORE INTO placements VALUES (?, ?, ?)", (device_id, dataset, node_id))
-        self._place(device_id, dataset, node_id)
-
-    def _place(self, device_id: str, dataset: str, node_id: str) -> None:
-        self._placement[(device_id, dataset)] = node_id
-        self._datasets_per_node.setdefault(node_id, set()).add((device_id, dataset))
-
-    def node_for(self, device_id: str, dataset: str) -> str | None:
-        return self._placement.get((device_id, dataset))
-
-    def datasets_on(self, node_id: str) -> int:
-        return len(self._datasets_per_node.get(node_id, ()))
+    def check_offer(self, device_id: str, dataset: str, snapshot: str, node_id: str | None) -> dict | None:
+        """The snapshot's row if it is committed; else record the dataset's
+        placement on `node_id` (durably, once) and return None."""
+        existing = self.lookup(device_id, dataset, snapshot)
+        if existing is None and node_id is not None:
+            self.db.execute("INSERT OR IGNORE INTO placements VALUES (?, ?, ?)", (device_id, dataset, node_id))
+        return existing
 
     def lookup(self, device_id: str, dataset: str, snapshot: str) -> dict | None:
-        row = self.db.execute(
-            "SELECT device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at FROM snapshots "
-            "WHERE device_id=? AND dataset=? AND snapshot=?", (device_id, dataset, snapshot)).fetchone()
+        row = self.db.execute(f"SELECT {COLUMNS} FROM snapshots WHERE device_id=? AND dataset=? AND snapshot=?",
+                              (device_id, dataset, snapshot)).fetchone()
         return _row(row) if row else None
 
     def record(self, device_id, dataset, snapshot, node_id, size, chunk_count, blake3: bytes) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (device_id, dataset, snapshot, node_id, size, chunk_count, blake3, time.time()))
-        self._place(device_id, dataset, node_id)
+        self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (device_id, dataset, snapshot, node_id, size, chunk_count, blake3, time.time()))
 
     def list(self, device_id: str | None = None) -> list[dict]:
-        query = ("SELECT device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at "
-                 "FROM snapshots")
-        args: tuple = ()
+        query, args = f"SELECT {COLUMNS} FROM snapshots", ()
         if device_id is not None:
-            query += " WHERE device_id=?"
-            args = (device_id,)
+            query, args = query + " WHERE device_id=?", (device_id,)
         query += " ORDER BY device_id, dataset, snapshot"
         return [_row(r) for r in self.db.execute(query, args)]
 
     def close(self) -> None:
         self.db.close()
+
+
+class CatalogIndex:
+    """Placement in memory, on the loop: O(1) lookups and counts."""
+
+    def __init__(self, placements=()):
+        self._placement: dict[tuple, str] = {}
+        self._datasets_per_node: Counter = Counter()
+        for device, dataset, node in placements:
+            self.place(device, dataset, node)
+
+    def place(self, device_id: str, dataset: str, node_id: str) -> bool:
+        """Record where a dataset lives (first placement wins); True if it was new."""
+        if (device_id, dataset) in self._placement:
+            return False
+        self._placement[(device_id, dataset)] = node_id
+        self._datasets_per_node[node_id] += 1
+        return True
+
+    def node_for(self, device_id: str, dataset: str) -> str | None:
+        return self._placement.get((device_id, dataset))
+
+    def datasets_on(self, node_id: str) -> int:
+        return self._datasets_per_node[node_id]
 
 
 def _row(r) -> dict:

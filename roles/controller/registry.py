@@ -1,38 +1,51 @@
-"""Who is connected: agent sessions and storage nodes, with liveness.
+"""Who is connected: agent sessions and storage nodes, with liveness as deadlines.
 
-Keyed by ZeroMQ routing id (what the ROUTER sees) and, for nodes, by node id.
-A node that registers again from a new connection replaces its old session.
+Keyed by ZeroMQ routing id (what the ROUTER sees) and, for nodes, by node
+id. Any message heard or sent only moves a timestamp (O(1)); each peer has
+one deadline, the earlier of "heartbeat due" and "dead", and when it pops
+`due(now)` re-checks the timestamps and schedules the next (7/MDP,
+zguide's `purge_workers`: a wake-up costs what is due, never a walk over
+every peer). A node that registers again from a new connection replaces
+its old session. Dropping a session is O(1): per-device session counts say
+when a device is no longer connected.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 
 from bus.credit import CreditPool
-from bus.heartbeat import Liveness
+from bus.deadlines import Deadlines
 
 
-@dataclass
-class AgentSession:
+@dataclass(eq=False)
+class PeerSession:
+    side: str
     routing: bytes
-    device_id: str
-    liveness: Liveness
+    last_heard: float
+    last_sent: float
+
+    @property
+    def peer(self) -> tuple:
+        return self.side, self.routing
+
+
+@dataclass(eq=False)
+class AgentSession(PeerSession):
+    device_id: str = ""
     transfers: set = field(default_factory=set)
 
 
-@dataclass
-class NodeSession:
-    routing: bytes
-    node_id: str
-    liveness: Liveness
-    credit: CreditPool
+@dataclass(eq=False)
+class NodeSession(PeerSession):
+    node_id: str = ""
+    credit: CreditPool | None = None
     free_bytes: int = 0
     used_bytes: int = 0
     load: int = 0
     reserved_bytes: int = 0  # image bytes of uploads placed here, not yet committed
     transfers: set = field(default_factory=set)
-    hungry: OrderedDict = field(default_factory=OrderedDict)  # uploads waiting for this node's credit
     alive: bool = True
 
     def status(self) -> dict:
@@ -49,50 +62,90 @@ class Registry:
         self.nodes: dict[bytes, NodeSession] = {}
         self.nodes_by_id: dict[str, NodeSession] = {}
         self.known_devices: dict[str, bool] = {}  # device_id -> connected
+        self.sessions_per_device: Counter = Counter()
         self.lost_nodes: dict[str, NodeSession] = {}  # node_id -> last session, until it returns
+        self.deadlines = Deadlines()
+
+    # --- sessions ---------------------------------------------------------------------
 
     def register_agent(self, routing: bytes, device_id: str, now: float) -> AgentSession:
-        session = AgentSession(routing, device_id, Liveness(self.interval_s, self.liveness, now))
+        old = self.agents.get(routing)
+        if old is None:
+            self.sessions_per_device[device_id] += 1
+        session = AgentSession("agent", routing, now, now, device_id=device_id)
+        if old is not None:
+            session.transfers = old.transfers
         self.agents[routing] = session
         self.known_devices[device_id] = True
+        self._schedule(session)
         return session
 
     def drop_agent(self, routing: bytes) -> AgentSession | None:
         session = self.agents.pop(routing, None)
-        if session is not None and not any(a.device_id == session.device_id for a in self.agents.values()):
-            self.known_devices[session.device_id] = False
+        if session is not None:
+            self.deadlines.cancel(("agent", routing))
+            left = self.sessions_per_device[session.device_id] - 1
+            if left > 0:
+                self.sessions_per_device[session.device_id] = left
+            else:
+                del self.sessions_per_device[session.device_id]
+                self.known_devices[session.device_id] = False
         return session
 
-    def register_node(self, routing: bytes, node_id: str, window: int, free: int, used: int,
-                      now: float) -> tuple[NodeSession, NodeSession | None]:
-        """Returns (new session, replaced session or None)."""
-        old = self.nodes_by_id.get(node_id)
-        if old is not None:
-            self.nodes.pop(old.routing, None)
-        session = NodeSession(routing, node_id, Liveness(self.interval_s, self.liveness, now), CreditPool(window),
-                              free, used)
+    def register_node(self, routing: bytes, node_id: str, pool: CreditPool, free: int, used: int,
+                      now: float) -> NodeSession:
+        session = NodeSession("node", routing, now, now, node_id=node_id, credit=pool, free_bytes=free,
+                              used_bytes=used)
         self.nodes[routing] = session
         self.nodes_by_id[node_id] = session
         self.lost_nodes.pop(node_id, None)
-        return session, old
+        self._schedule(session)
+        return session
 
     def drop_node(self, routing: bytes) -> NodeSession | None:
         session = self.nodes.pop(routing, None)
-        if session is not None and self.nodes_by_id.get(session.node_id) is session:
-            del self.nodes_by_id[session.node_id]
-            session.alive = False
-            self.lost_nodes[session.node_id] = session
+        if session is not None:
+            self.deadlines.cancel(("node", routing))
+            if self.nodes_by_id.get(session.node_id) is session:
+                del self.nodes_by_id[session.node_id]
+                session.alive = False
+                self.lost_nodes[session.node_id] = session
         return session
 
-    def dead_peers(self, now: float) -> tuple[list, list]:
-        agents = [a for a in self.agents.values() if a.liveness.is_dead(now)]
-        nodes = [n for n in self.nodes.values() if n.liveness.is_dead(now)]
-        return agents, nodes
+    def session(self, side: str, routing: bytes):
+        return (self.agents if side == "agent" else self.nodes).get(routing)
 
-    def heartbeats_due(self, now: float):
-        for a in self.agents.values():
-            if a.liveness.heartbeat_due(now):
-                yield "agent", a
-        for n in self.nodes.values():
-            if n.liveness.heartbeat_due(now):
-                yield "node", n
+    # --- liveness -------------------------------------------------------------------------
+
+    @staticmethod
+    def heard(session: PeerSession, now: float) -> None:
+        session.last_heard = now
+
+    @staticmethod
+    def sent(session: PeerSession, now: float) -> None:
+        session.last_sent = now
+
+    def _schedule(self, session: PeerSession) -> None:
+        death = session.last_heard + self.interval_s * self.liveness
+        beat = session.last_sent + self.interval_s
+        self.deadlines.schedule(session.peer, min(death, beat))
+
+    def due(self, now: float) -> tuple[list, list]:
+        """(sessions owed a heartbeat, sessions dead) among the peers whose deadline came.
+        Those owed a heartbeat are counted as sent at `now`: the caller sends it."""
+        beats, dead = [], []
+        for side, routing in self.deadlines.pop_due(now):
+            session = self.session(side, routing)
+            if session is None:
+                continue
+            if now >= session.last_heard + self.interval_s * self.liveness:
+                dead.append(session)
+                continue
+            if now >= session.last_sent + self.interval_s:
+                beats.append(session)
+                session.last_sent = now
+            self._schedule(session)
+        return beats, dead
+
+    def next_due(self) -> float | None:
+        return self.deadlines.next_due()

@@ -1,0 +1,165 @@
+"""The controller's storage-node side: registration, the upload and restore
+replies it passes on to agents, and what happens when a node goes away.
+
+A mixin of `Controller` (core.py), split out to keep each file to one side
+of the broker; it uses the controller's sending, credit and lifecycle helpers.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+
+from bus.effects import Submit
+from bus.errors import RequestError
+from roles.controller.transfers import NODE, Transfer, advance
+from schemas import error_message, make
+
+
+class NodeSide:
+    def on_ready(self, who, msg, frames) -> None:
+        routing = who[1] if isinstance(who, tuple) else who.routing
+        if not self.config.insecure and msg["node_id"] != self.identify(frames):
+            raise RequestError("node_id does not match the key this connection authenticated with", "forbidden")
+        replaced = self.registry.nodes_by_id.get(msg["node_id"])
+        if replaced is not None:
+            self.registry.drop_node(replaced.routing)
+            if replaced.transfers:
+                self.node_lost(replaced, "node re-registered; its open transfers were lost")
+        if not isinstance(who, tuple) and who.node_id != msg["node_id"]:
+            self.registry.drop_node(who.routing)
+            self.node_lost(who, "the connection registered as another node")
+        pool = self.credit.add_node(msg["node_id"], msg["window"])
+        node = self.registry.register_node(routing, msg["node_id"], pool, msg["free_bytes"], msg["used_bytes"],
+                                           self.now)
+        logger.info("storage node {} ready (window {} bytes, {} free)", node.node_id, msg["window"],
+                    msg["free_bytes"])
+
+    def node_HEARTBEAT(self, node, msg, frames) -> None:
+        node.free_bytes = msg.get("free_bytes", node.free_bytes)
+        node.used_bytes = msg.get("used_bytes", node.used_bytes)
+        node.load = msg.get("load", node.load)
+
+    def node_BYE(self, node, msg, frames) -> None:
+        self.registry.drop_node(node.routing)
+        self.node_lost(node, "node said BYE")
+
+    def placed(self, node, msg) -> Transfer:
+        """The node's transfer, moved by the table (a violation ends it in error on both sides)."""
+        t = self.transfers.get(msg["transfer_id"])
+        if t is None or t.node_id != node.node_id or t.transfer_id not in node.transfers:
+            raise RequestError(f"no transfer {msg['transfer_id']} on this node", "unknown_transfer")
+        event = msg.t
+        if msg.t == "BLOCK" and msg["index"] >= t.chunk_count - 1:
+            event = "BLOCK@last"
+        elif msg.t == "IMAGE" and msg["chunk_count"] == 0:
+            event = "IMAGE@empty"
+        try:
+            advance(t, NODE, event, node.node_id)
+        except RequestError as exc:
+            self.violation(t, exc)
+            raise
+        return t
+
+    def violation(self, t: Transfer, exc: RequestError) -> None:
+        """The node broke the protocol for `t`: the agent is told, the transfer
+        ends in error (the caller raises, so the node is answered and the code counted once)."""
+        self.to_agent(t, error_message(exc, ref="OFFER" if t.kind == "upload" else "RESTORE",
+                                       transfer_id=t.transfer_id, req=t.req))
+        self.finish(t, "error", exc.reason)
+
+    def node_OPENED(self, node, msg, frames) -> None:
+        t = self.placed(node, msg)
+        t.last_progress = self.now
+        self.to_agent(t, make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=t.node_id, committed=False))
+
+    def node_MISSING(self, node, msg, frames) -> None:
+        t = self.placed(node, msg)
+        t.last_progress = self.now
+        geometry = t.geometry
+        missing_raw = sum(geometry.chunk_len(i) for i in msg["missing"])
+        t.ledger.demand += missing_raw
+        t.bytes_done += geometry.slice_len(msg["start"], msg["count"]) - missing_raw
+        self.to_agent(t, frames=frames, name=msg.t)
+        self.grant_credit(node, t)
+
+    def node_STORED(self, node, msg, frames) -> None:
+        t = self.placed(node, msg)
+        t.last_progress = self.now
+        wire_len, raw_len = t.ledger.done(msg["hash"])
+        t.bytes_done += raw_len
+        self.credit.release(node.node_id, wire_len)
+        self.to_agent(t, frames=frames, name=msg.t)
+        self.serve_waiting(node)  # those already waiting go first
+        if not self.credit.is_waiting(node.node_id, t.transfer_id):
+            self.grant_credit(node, t)
+
+    def node_COMMITTED(self, node, msg, frames) -> None:
+        t = self.transfers.get(msg["transfer_id"])
+        if t is not None and t.node_id == node.node_id and (msg["device_id"], msg["dataset"], msg["snapshot"]) != t.key:
+            exc = RequestError("COMMITTED does not match the transfer", "bad_state")
+            self.violation(t, exc)
+            raise exc
+        t = self.placed(node, msg)
+        t.last_progress = self.now
+        self.committed_frames[t.transfer_id] = list(frames)
+        self.out.append(Submit("catalog", ("record", t.transfer_id), self.store.record,
+                               (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
+                                msg["chunk_count"], msg["image_blake3"])))
+
+    def recorded(self, tid: str, error) -> None:
+        frames = self.committed_frames.pop(tid, None)
+        t = self.transfers.get(tid)
+        if t is None or t.state != "recording":
+            return
+        if error is not None:
+            self.catalog_failed(t, "COMMIT", error)
+            return
+        advance(t, "catalog", "recorded")  # final: committed, assigned by finish
+        self.placement.placed(t.device_id, t.dataset, t.node_id)
+        t.bytes_done = t.image_size
+        self.to_agent(t, frames=frames, name="COMMITTED")
+        self.finish(t, "committed")
+        logger.info("committed {}/{}/{} on {}", t.device_id, t.dataset, t.snapshot, t.node_id)
+
+    def node_IMAGE(self, node, msg, frames) -> None:
+        t = self.placed(node, msg)
+        self.to_agent(t, frames=frames, name=msg.t)
+        if msg["chunk_count"] == 0:
+            self.finish(t, "restored")
+
+    def node_BLOCK(self, node, msg, frames) -> None:
+        t = self.placed(node, msg)
+        t.bytes_done += msg["raw_len"]
+        t.bytes_sent += len(msg.payload[0]) if msg.payload else 0
+        self.to_agent(t, frames=frames, name=msg.t)
+        if msg["index"] >= t.chunk_count - 1:
+            self.finish(t, "restored")
+
+    def node_ERROR(self, node, msg, frames) -> None:
+        self.count_error(msg["code"])
+        tid = msg.get("transfer_id")
+        t = self.transfers.get(tid) if tid else None
+        if t is None or t.node_id != node.node_id:
+            logger.warning("node {} reports {}: {}", node.node_id, msg["code"], msg["reason"])
+            return
+        self.to_agent(t, frames=frames, name=msg.t)
+        if msg.get("ref") == "CHUNK" and msg.get("hash") is not None:
+            wire_len, _ = t.ledger.done(msg["hash"])
+            self.credit.release(node.node_id, wire_len)
+            self.serve_waiting(node)
+        if msg["code"] == "storage_error":
+            # The node's disk failed or filled: nothing was acknowledged that
+            # is not on disk; park until the agent offers it again.
+            self.finish(t, "parked", f"{msg['code']}: {msg['reason']}")
+        elif msg.get("ref") != "CHUNK":
+            self.finish(t, "failed", f"{msg['code']}: {msg['reason']}")
+
+    def node_lost(self, node, reason: str) -> None:
+        """Park every transfer on a node that went away; the agents offer them
+        again and they resume (only missing chunks travel) once it is back."""
+        for tid in list(node.transfers):
+            t = self.transfers.get(tid)
+            if t is not None:
+                self.interrupt(t, RequestError(f"node {node.node_id}: {reason}", "node_unavailable"))
+        node.transfers.clear()
+        logger.warning("storage node {} lost: {}", node.node_id, reason)
