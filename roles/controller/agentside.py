@@ -1,0 +1,207 @@
+"""The controller's agent side: registration, offers and restores (each
+checked against the catalog off the loop), and the data-path messages an
+agent may send for its own transfers, which go on to the node.
+
+A mixin of `Controller` (core.py), split out to keep each file to one side
+of the broker; it uses the controller's sending, credit and lifecycle helpers.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from loguru import logger
+
+from bus.effects import Submit
+from bus.errors import RequestError
+from roles.controller.transfers import AGENT, CATALOG, Transfer, advance
+from roles.geometry import ImageGeometry
+from schemas import error_message, make
+
+
+class AgentSide:
+    # --- agents --------------------------------------------------------------------------------
+
+    def on_hello(self, who, msg, frames) -> None:
+        peer = who if isinstance(who, tuple) else who.peer
+        # Under CURVE the device is the one its key names; a claim to be
+        # another device is refused, never believed.
+        if not self.config.insecure and msg["device_id"] != self.identify(frames):
+            raise RequestError("device_id does not match the key this connection authenticated with", "forbidden")
+        if not isinstance(who, tuple) and who.device_id != msg["device_id"]:
+            raise RequestError("a connection speaks for one device only", "forbidden")
+        session = self.registry.register_agent(peer[1], msg["device_id"], self.now)
+        self.send(session, make("WELCOME", heartbeat_interval_ms=self.config.heartbeat_interval_ms))
+        logger.info("agent {} connected", msg["device_id"])
+
+    def agent_HEARTBEAT(self, session, msg, frames) -> None:
+        pass
+
+    def agent_ERROR(self, session, msg, frames) -> None:
+        logger.warning("agent {} reports {}: {}", session.device_id, msg["code"], msg["reason"])
+
+    def agent_PING(self, session, msg, frames) -> None:
+        self.send(session, make("PONG", seq=msg["seq"], sent_us=msg["sent_us"]))
+
+    def agent_BYE(self, session, msg, frames) -> None:
+        self.drop_agent(session, "agent said BYE")
+
+    def require_own(self, session, msg) -> None:
+        claimed = msg.get("device_id")
+        if claimed is not None and claimed != session.device_id:
+            raise RequestError(f"device {session.device_id} may not act for another device", "forbidden")
+
+    def agent_LIST(self, session, msg, frames) -> None:
+        self.require_own(session, msg)
+        self.out.append(Submit("catalog", ("list", session.peer), self.store.list, (session.device_id,)))
+
+    def agent_OFFER(self, session, msg, frames) -> None:
+        self.require_own(session, msg)
+        if ImageGeometry(msg["image_size"], msg["chunk_size"]).chunk_count != msg["chunk_count"]:
+            raise RequestError("chunk_count does not match image_size and chunk_size", "bad_field")
+        device, dataset, snapshot = session.device_id, msg["dataset"], msg["snapshot"]
+        # The device offers it again (it restarted, or lost its connection
+        # before we noticed): the older upload of it is obsolete, whichever
+        # connection it came from, and must not hold chunks the new one needs.
+        stale = self.uploads_by_key.get((device, dataset, snapshot))
+        if stale is not None:
+            self.finish(stale, "aborted", "offered again")
+        window = max(self.config.transfer_window, 2 * msg["chunk_size"] + 65536)
+        t = Transfer(f"t-{uuid.uuid4().hex[:16]}", "upload", device, dataset, snapshot, "", session.routing,
+                     msg["req"], image_size=msg["image_size"], chunk_size=msg["chunk_size"],
+                     chunk_count=msg["chunk_count"], window=window, started_at=self.now, last_progress=self.now)
+        t.ledger.window = window
+        try:
+            t.node_id = self.placement.choose(device, dataset, self.registry.nodes_by_id)
+        except RequestError as exc:
+            t.refusal = exc
+            t.node_id = self.placement.node_for(device, dataset) or ""
+        self.add_transfer(t, session)
+        if t.refusal is None:
+            node = self.registry.nodes_by_id[t.node_id]
+            node.reserved_bytes += t.image_size
+            self.placement.hold(device, dataset, t.node_id)
+        self.out.append(Submit("catalog", ("offer", t.transfer_id), self.store.check_offer,
+                               (device, dataset, snapshot, None if t.refusal else t.node_id)))
+
+    def offer_checked(self, tid: str, existing, error) -> None:
+        t = self.transfers.get(tid)
+        if t is None or t.state != "checking":
+            return  # aborted or offered again meanwhile
+        if error is not None:
+            self.catalog_failed(t, "OFFER", error)
+            return
+        if existing is not None:  # snapshots are immutable once named (DESIGN.md)
+            self.history.unpark(t.key, self.now)
+            self.finish(t, "aborted", "already committed", record=False)
+            self.to_agent(t, make("ACCEPT", req=t.req, transfer_id="committed", node_id=existing["node_id"],
+                                  committed=True))
+            return
+        node = self.registry.nodes_by_id.get(t.node_id) if t.refusal is None else None
+        if node is None:
+            exc = t.refusal or RequestError(f"node {t.node_id} left while the offer was checked", "node_unavailable")
+            self.finish(t, "aborted", "refused", record=False)
+            self.park_offer(t, f"{exc.code}: {exc.reason}")
+            self.count_error(exc.code)
+            self.to_agent(t, error_message(exc, ref="OFFER", req=t.req))
+            return
+        advance(t, CATALOG, "checked")
+        self.placement.placed(t.device_id, t.dataset, t.node_id)
+        self.history.unpark(t.key, self.now)
+        node.transfers.add(t.transfer_id)
+        self.stalls.schedule(t.transfer_id, self.now + self.stall_s)
+        self.send(node, make("OPEN", transfer_id=t.transfer_id, device_id=t.device_id, dataset=t.dataset,
+                             snapshot=t.snapshot, image_size=t.image_size, chunk_size=t.chunk_size,
+                             chunk_count=t.chunk_count))
+
+    def park_offer(self, t: Transfer, reason: str) -> None:
+        parked = Transfer(f"p-{uuid.uuid4().hex[:16]}", "upload", t.device_id, t.dataset, t.snapshot, t.node_id,
+                          t.agent_routing, t.req, image_size=t.image_size, started_at=self.now)
+        self.history.park(parked, reason)
+
+    def agent_RESTORE(self, session, msg, frames) -> None:
+        self.require_own(session, msg)
+        t = Transfer(f"r-{uuid.uuid4().hex[:16]}", "restore", session.device_id, msg["dataset"], msg["snapshot"],
+                     "", session.routing, msg["req"], window=msg["window"], started_at=self.now)
+        self.add_transfer(t, session)
+        self.out.append(Submit("catalog", ("restore", t.transfer_id), self.store.lookup, t.key))
+
+    def restore_found(self, tid: str, entry, error) -> None:
+        t = self.transfers.get(tid)
+        if t is None or t.state != "checking":
+            return
+        if error is not None:
+            self.catalog_failed(t, "RESTORE", error)
+            return
+        node = self.registry.nodes_by_id.get(entry["node_id"]) if entry else None
+        if node is None:
+            exc = (RequestError(f"{t.dataset}/{t.snapshot} is not in the catalog", "not_found") if entry is None else
+                   RequestError(f"node {entry['node_id']} holding {t.dataset} is not available", "node_unavailable"))
+            self.finish(t, "failed", exc.reason, record=False)
+            self.count_error(exc.code)
+            self.to_agent(t, error_message(exc, ref="RESTORE", req=t.req))
+            return
+        advance(t, CATALOG, "found")
+        t.node_id, t.image_size, t.chunk_count = node.node_id, entry["size"], entry["chunk_count"]
+        node.transfers.add(t.transfer_id)
+        self.send(node, make("READ", transfer_id=t.transfer_id, device_id=t.device_id, dataset=t.dataset,
+                             snapshot=t.snapshot, window=t.window))
+        self.to_agent(t, make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=node.node_id, committed=False))
+
+    def catalog_failed(self, t: Transfer, ref: str, error: BaseException) -> None:
+        logger.error("catalog failed for {} {}/{}/{}: {}", t.transfer_id, *t.key, error)
+        exc = RequestError("the catalog could not answer; try again", "internal")
+        self.finish(t, "failed", f"catalog: {error}")
+        self.count_error(exc.code)
+        self.to_agent(t, error_message(exc, ref=ref, req=t.req))
+
+    def owned(self, session, msg) -> Transfer:
+        """The sender's own transfer, moved by the table (a violation ends it in error)."""
+        t = self.transfers.get(msg["transfer_id"])
+        # Someone else's transfer and no transfer look the same: nothing leaks.
+        if t is None or t.device_id != session.device_id or t.agent_routing != session.routing:
+            raise RequestError(f"no transfer {msg['transfer_id']} of yours", "unknown_transfer")
+        try:
+            advance(t, AGENT, msg.t, session.device_id)
+        except RequestError as exc:
+            self.finish(t, "error", exc.reason)
+            raise
+        return t
+
+    def node_of(self, t: Transfer):
+        node = self.registry.nodes_by_id.get(t.node_id)
+        if node is None:
+            raise RequestError(f"node {t.node_id} is not available", "node_unavailable")
+        return node
+
+    def agent_QUERY(self, session, msg, frames) -> None:
+        t = self.owned(session, msg)
+        self.forward(self.node_of(t), frames, msg.t)
+
+    def agent_CHUNK(self, session, msg, frames) -> None:
+        t = self.owned(session, msg)
+        node = self.node_of(t)
+        wire_len = len(msg.payload[0])
+        t.ledger.spend(msg["hash"], wire_len, msg["raw_len"], msg.get("offset"), msg.get("total"))
+        t.bytes_sent += wire_len
+        self.forward(node, frames, msg.t)
+
+    def agent_COMMIT(self, session, msg, frames) -> None:
+        t = self.owned(session, msg)
+        node = self.node_of(t)
+        t.last_progress = self.now
+        self.credit.release(node.node_id, t.ledger.release_holding())
+        self.serve_waiting(node)
+        self.forward(node, frames, msg.t)
+
+    def agent_CREDIT(self, session, msg, frames) -> None:
+        if msg["transfer_id"] not in self.transfers and self.history.ended_restore(msg["transfer_id"],
+                                                                                   session.device_id):
+            return  # credit for blocks of a restore already complete: nothing left to grant it for
+        t = self.owned(session, msg)
+        self.forward(self.node_of(t), frames, msg.t)
+
+    def agent_ABORT(self, session, msg, frames) -> None:
+        t = self.owned(session, msg)
+        self.finish(t, "aborted", "agent aborted")
+
