@@ -46,8 +46,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script: make `bench` and `tests` importable
     sys.path.insert(0, REPO)
 
-from bench.imagegen import MiB, generate_image, mutate_chunks  # noqa: E402
-from bench.processes import cpu_seconds  # noqa: E402
+from roles.sampleimages import MiB, generate_image, mutate_chunks  # noqa: E402
+from roles.localprocs import cpu_seconds  # noqa: E402
 from roles.statusclient import fetch_list  # noqa: E402
 from tests.netns import (MBIT, BulkFlow, LinkCluster, LinkMeter, LinkUnavailable, ShapedLink,  # noqa: E402
                          why_unavailable)

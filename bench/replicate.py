@@ -3,7 +3,7 @@
     python bench/replicate.py [--size 1GiB] [--workdir DIR] [--keep] [--no-rsync]
 
 1. generates a realistic image as snapshot s0001 and an incremental s0002
-   (about 2% of its 1 MiB chunks changed), with bench/imagegen.py;
+   (about 2% of its 1 MiB chunks changed), with roles/sampleimages.py;
 2. starts the real SpeedSync commands (broker, one storage worker) on free
    loopback ports and runs `agent --once --json` twice: with s0001 only, then
    after s0002 is renamed into the dataset directory; restores s0002 and
@@ -36,8 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:       # run as a script: make `bench` importable
     sys.path.insert(0, REPO)
 
-from bench.imagegen import MiB, file_blake3, generate_image, mutate_chunks, parse_size  # noqa: E402
-from bench.processes import ProcessGroup, cpu_seconds, free_ports, peak_rss_bytes, wait_for  # noqa: E402
+from roles.sampleimages import MiB, file_blake3, generate_image, mutate_chunks, parse_size  # noqa: E402
+from roles.localprocs import ProcessGroup, cpu_seconds, free_ports, peak_rss_bytes, wait_for  # noqa: E402
 from bench import rsync_baseline  # noqa: E402
 
 MB, GB = 10**6, 10**9

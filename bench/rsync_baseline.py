@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from bench.processes import ProcessGroup, children_of, cpu_seconds, wait_for
+from roles.localprocs import ProcessGroup, children_of, cpu_seconds, wait_for
 
 MODULE = "backup"
 CLIENT_FLAGS = ["-z", "--compress-choice=zstd", "--stats"]

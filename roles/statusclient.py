@@ -9,6 +9,7 @@ import zmq
 from bus import security
 from bus.errors import RemoteProtocolError, RequestError
 from schemas import decode, encode, make
+from roles.tables import table
 from roles.units import format_bytes
 
 
@@ -49,13 +50,6 @@ def fetch_list(endpoint: str, device_id: str | None = None, timeout_ms: int = 50
                keys: OperatorKeys | None = None) -> list:
     fields = {"device_id": device_id} if device_id else {}
     return ask(endpoint, make("LIST", **fields), timeout_ms, keys)["snapshots"]
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
 
 
 def render_status(status: dict) -> str:

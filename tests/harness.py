@@ -38,9 +38,9 @@ from pathlib import Path
 
 import yaml
 
-from bench.processes import free_ports  # noqa: F401  (one helper for benches and tests)
+from roles.localprocs import free_ports  # noqa: F401  (one helper for benches and tests)
 
-from bench.imagegen import file_blake3
+from roles.sampleimages import file_blake3
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

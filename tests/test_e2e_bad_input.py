@@ -15,7 +15,7 @@ from collections import Counter
 import blake3
 import msgpack
 
-from bench.imagegen import generate_image
+from roles.sampleimages import generate_image
 from schemas.messages import SMALL_HEADER
 from tests.harness import MiB, RawClient
 

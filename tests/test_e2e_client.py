@@ -16,7 +16,7 @@ import signal
 
 import blake3
 
-from bench.imagegen import file_blake3, generate_image, mutate_chunks
+from roles.sampleimages import file_blake3, generate_image, mutate_chunks
 from roles.statusclient import ask
 from schemas import make
 from tests.harness import Cluster, MiB, assert_restores, chunk_names, free_ports, uploads_of

@@ -17,7 +17,7 @@ import shutil
 
 import blake3
 
-from bench.imagegen import generate_image, mutate_chunks
+from roles.sampleimages import generate_image, mutate_chunks
 from roles.appliance.chunker import compress
 from tests.harness import (MiB, TcpRelay, assert_restores, assert_scrub_clean, chunk_names, partial_files,
                            uploads_of)

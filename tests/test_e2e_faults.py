@@ -16,7 +16,7 @@ import shutil
 
 import blake3
 
-from bench.imagegen import generate_image, mutate_chunks
+from roles.sampleimages import generate_image, mutate_chunks
 from tests.harness import (MiB, RawClient, assert_restores, assert_scrub_clean, chunk_names, distinct_nonzero_chunks,
                            partial_files, uploads_of)
 

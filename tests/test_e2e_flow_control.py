@@ -9,7 +9,7 @@ data flows. Everything commits and restores intact.
 
 from __future__ import annotations
 
-from bench.imagegen import file_blake3, generate_image
+from roles.sampleimages import file_blake3, generate_image
 from tests.harness import MiB
 
 AGENTS = 4

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 
-from bench.imagegen import generate_image
+from roles.sampleimages import generate_image
 from bus.errors import CODES
 from schemas import decode
 from tests.fuzzcases import cases, valid_samples

@@ -24,7 +24,7 @@ import shutil
 
 import pytest
 
-from bench.imagegen import MiB, file_blake3
+from roles.sampleimages import MiB, file_blake3
 from bench.link import (DEVICE, measure_goodput, measure_limit, measure_preemption, measure_weights, measure_yield,
                         random_image)
 from tests.netns import (NETNS_DIR, PREFIX, LinkCluster, LinkMeter, LinkUnavailable, ShapedLink, remove_stale,

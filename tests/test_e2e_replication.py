@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 
-from bench.imagegen import file_blake3, generate_image, half_zero_image, mutate_chunks
+from roles.sampleimages import file_blake3, generate_image, half_zero_image, mutate_chunks
 from tests.harness import MiB, chunk_names, distinct_nonzero_chunks
 
 TRANSFER_KEYS = {"dataset", "snapshot", "state", "chunks_total", "chunks_sent", "bytes_image", "bytes_read",

@@ -19,7 +19,7 @@ import msgpack
 import pytest
 import zmq
 
-from bench.imagegen import generate_image
+from roles.sampleimages import generate_image
 from bus.security import load_keypair, load_public
 from tests.harness import (MiB, RawClient, TcpRelay, assert_restores, chunk_names, distinct_nonzero_chunks,
                            uploads_of)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from roles.statusclient import table
+from roles.tables import table
 from roles.units import format_bytes
 
 

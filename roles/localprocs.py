@@ -1,4 +1,4 @@
-"""Child processes for benches: start, measure, wait for conditions, clean up.
+"""Child processes for the demo, benches and tests: start, measure, wait for conditions, clean up.
 
 CPU time is read where the kernel keeps it: a long-running server's
 `/proc/<pid>/stat` (its threads plus the children it has reaped), and a
