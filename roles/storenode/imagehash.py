@@ -36,23 +36,23 @@ class ImageHashes:
         self._by_transfer: dict[str, _Hashing] = {}
 
     def feed(self, transfer_id: str, pieces: list) -> None:
-        state = self._by_transfer.get(transfer_id)
-        if state is None:
-            state = self._by_transfer[transfer_id] = _Hashing(blake3.blake3())
-        if state.error is None:
+        hashing = self._by_transfer.get(transfer_id)
+        if hashing is None:
+            hashing = self._by_transfer[transfer_id] = _Hashing(blake3.blake3())
+        if hashing.error is None:
             try:
-                hash_pieces(state.hasher, self._chunks, pieces)
+                hash_pieces(hashing.hasher, self._chunks, pieces)
             except RequestError as exc:
-                state.error = exc  # raised at commit
+                hashing.error = exc  # raised at commit
 
     def digest(self, transfer_id: str) -> bytes:
         """The image's blake3 so far, and the transfer forgotten; raises its first error."""
-        state = self._by_transfer.pop(transfer_id, None)
-        if state is None:
+        hashing = self._by_transfer.pop(transfer_id, None)
+        if hashing is None:
             return blake3.blake3().digest()  # an empty image: nothing was fed
-        if state.error is not None:
-            raise state.error
-        return state.hasher.digest()
+        if hashing.error is not None:
+            raise hashing.error
+        return hashing.hasher.digest()
 
     def finish(self, transfer_id: str, manifest):
         """At commit, after every piece: check the blake3, save the manifest durably."""
