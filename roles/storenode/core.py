@@ -233,8 +233,10 @@ class StorageCore(CommitPath):
         session = self._upload(msg["transfer_id"], now)
         try:
             advance(session, UPLOAD, "QUERY", "broker")
+            if session.deferred_commit is not None:
+                raise RequestError("QUERY after COMMIT", "bad_state")
         except RequestError:
-            self._release(session, out)
+            self._violated(session, out)
             raise
         start, names = msg["start"], msg["hashes"]
         owns = self._owns(session.device_id)
@@ -308,7 +310,7 @@ class StorageCore(CommitPath):
         try:
             advance(session, UPLOAD, "CHUNK", "broker")
         except RequestError:
-            self._release(session, out)
+            self._violated(session, out)
             raise
         # A chunk refused (not asked for, a bad piece) is refused alone: the
         # broker returns its credit and the transfer goes on (ERROR ref CHUNK).
