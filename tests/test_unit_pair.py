@@ -1,11 +1,13 @@
-"""The agent's Upload and the storage node's logic joined by an in-memory link.
+"""The agent's Upload and the real StorageCore joined by an in-memory link.
 
-No sockets, no threads: pool work runs when the test says so. This checks
-the protocol logic end to end: only missing chunks travel, within credit,
-de-duplicated per device, and the committed manifest rebuilds the image.
+No sockets, no threads: every message goes through the real codec, and pool
+work (the agent's and the node's) runs when the test says so, in a seeded
+random order (the node's store pool in any order, its image thread in
+order). This checks the protocol logic end to end: only missing chunks
+travel, within credit, de-duplicated per device, the committed manifest
+rebuilds the image, and a restore stays within the agent's credit.
 """
 
-import dataclasses
 import os
 import random
 from collections import deque
@@ -19,67 +21,28 @@ from roles.appliance.restore import ImageWriter
 from roles.appliance.scanner import PendingSnapshot
 from roles.appliance.upload import Upload
 from roles.config import DatasetConfig
-from roles.storenode.assembly import PieceAssembler
-from roles.storenode.chunkstore import ChunkStore
-from roles.storenode.manifests import ManifestStore
-from roles.storenode.ownership import DeviceChunks
-from roles.storenode.sessions import UploadSession
-from roles.storenode.verify import hash_pieces
-from schemas import decode, encode
+from tests.corenode import CoreNode
 
 CHUNK = 64 * 1024
 
 
-class MemoryNode:
-    """The storage node's logic objects, answering messages synchronously."""
-
-    def __init__(self, root):
-        self.chunks = ChunkStore(root)
-        self.manifests = ManifestStore(root)
-        self.owners = DeviceChunks(root)
-        self.sessions = {}
-        self.chunks_received = 0
-        self.assembler = PieceAssembler()
-
-    def open(self, tid, device, upload):
-        self.sessions[tid] = UploadSession(tid, device, upload.pending.dataset.name, upload.pending.snapshot,
-                                           upload.image_size, upload.chunk_size, upload.chunk_count,
-                                           hasher=blake3.blake3())
-
-    def handle(self, msg):
-        s = self.sessions[msg["transfer_id"]]
-        if msg.t == "QUERY":
-            missing = s.record_slice(msg["start"], msg["hashes"], lambda n: self.owners.owns(s.device_id, n))
-            return [("MISSING", msg["start"], missing)]
-        if msg.t == "CHUNK":
-            s.expected_len(msg["hash"], msg["raw_len"])
-            payload = self.assembler.add(s.transfer_id, msg["hash"], msg.get("offset"), msg.get("total"),
-                                         bytes(msg.payload[0]))
-            if payload is None:
-                return []
-            raw = self.chunks.put(msg["hash"], msg["raw_len"], msg["codec"], payload)
-            self.owners.add(s.device_id, msg["hash"])
-            s.stored(msg["hash"], raw)
-            self.chunks_received += 1
-            return [("STORED", msg["hash"], msg["raw_len"], len(payload))]
-        if msg.t == "COMMIT":
-            s.require_complete()
-            # the storage node's commit path: the image hashed in order as
-            # chunks arrive, checked against the agent's blake3 when it sent one (not under CBT)
-            digest = commit_digest(self.chunks, s, lambda n: self.owners.owns(s.device_id, n))
-            if msg["image_blake3"] is not None:
-                assert digest == msg["image_blake3"]
-            manifest = dataclasses.replace(s.manifest(), image_blake3=digest)
-            self.manifests.save(manifest)
-            return [("COMMITTED", manifest.image_blake3)]
-        raise AssertionError(msg.t)
+def make_node(root, seed=0):
+    return CoreNode(root, seed=seed)
 
 
-def commit_digest(store, session, owns) -> bytes:
-    session.hasher = session.hasher or blake3.blake3()
-    hash_pieces(session.hasher, store, session.hashable_pieces(owns))
-    assert session.fully_hashed
-    return session.hasher.digest()
+def _node_replies(node, upload, credit_step):
+    for reply in node.take_sent():
+        if reply.t == "MISSING":
+            upload.on_missing(reply["start"], list(reply["missing"]))
+            upload.on_credit(credit_step * max(1, len(reply["missing"])))
+        elif reply.t == "STORED":
+            upload.on_stored(reply["hash"], reply["raw_len"], reply["wire_len"])
+        elif reply.t == "COMMITTED":
+            upload.on_committed(reply["image_blake3"])
+        elif reply.t == "ERROR":
+            raise RequestError(reply["reason"], reply["code"])
+        else:
+            assert reply.t == "OPENED", reply
 
 
 def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, seed=0, known=None):
@@ -88,27 +51,27 @@ def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, see
     hasher = ImageHasher()
     ds = DatasetConfig(name=dataset, path=os.path.dirname(path), chunk_size=CHUNK)
     pending = PendingSnapshot(ds, snapshot, path, os.path.getsize(path))
+    tid = f"t-{device}-{dataset}-{snapshot}"
 
-    def send(message):
-        wire.append(decode(encode(message)))  # through the real codec
-
-    upload = Upload(pending, lambda key, fn, *a: tasks.append((key, fn, a)), send,
+    upload = Upload(pending, lambda key, fn, *a: tasks.append((key, fn, a)), wire.append,
                     lambda pieces, final: image_tasks.append((hasher, pieces, final)),
                     max_held_bytes=8 * CHUNK, known=known)
-    upload.on_accept("t-" + snapshot, committed=False)
-    node.open("t-" + snapshot, device, upload)
+    upload.on_accept(tid, committed=False)
+    node.send("OPEN", transfer_id=tid, device_id=device, dataset=dataset, snapshot=snapshot,
+              image_size=upload.image_size, chunk_size=upload.chunk_size, chunk_count=upload.chunk_count)
     piece_limit = rng.choice([16 * 1024, 1 << 30])  # paced pieces, or whole chunks
-    for _ in range(100000):
+    for _ in range(200000):
         if upload.finished:
             break
         while upload.next_piece(piece_limit) is not None:  # the agent's WireScheduler, in short
             upload.send_piece(piece_limit, 0.0)
-        if image_tasks and rng.random() < 0.3:
+        roll = rng.random()
+        if image_tasks and roll < 0.2:
             # the whole-image hasher is one thread: strictly in order
             result = _image_step(*image_tasks.popleft())
             if result is not None:
                 upload.on_image_digest(result)
-        elif tasks and (not wire or rng.random() < 0.5):
+        elif tasks and roll < 0.5:
             # pool results come back in any order
             key, fn, args = tasks.pop() if rng.random() < 0.3 else tasks.popleft()
             result = fn(*args)
@@ -116,21 +79,20 @@ def run_upload(node, device, dataset, path, snapshot, credit_step=3 * CHUNK, see
                 upload.on_hashed(key[1], result)
             else:
                 upload.on_compressed(*result)
+        elif (node.store or node.image) and roll < 0.7:
+            if not (rng.random() < 0.5 and node.run_image()):
+                node.run_store() or node.run_image()
         elif wire:
-            msg = wire.popleft()
-            for reply in node.handle(msg):
-                if reply[0] == "MISSING":
-                    upload.on_missing(reply[1], reply[2])
-                    upload.on_credit(credit_step * max(1, len(reply[2])))
-                elif reply[0] == "STORED":
-                    upload.on_stored(reply[1], reply[2], reply[3])
-                else:
-                    upload.on_committed(reply[1])
-        elif image_tasks:
+            node.deliver(wire.popleft())
+        elif node.sent:
+            pass
+        elif tasks or image_tasks or node.store or node.image:
             continue
         else:
             raise AssertionError("stalled: nothing to do and not finished")
+        _node_replies(node, upload, credit_step)
     assert upload.state == "committed", upload.reason
+    assert not node.core.uploads, "the committed upload is forgotten"
     return upload
 
 
@@ -147,22 +109,42 @@ def write_image(path, chunks, seed, zero_every=3, tail=1000):
         f.write(rng.randbytes(tail))
 
 
-def restore_from(node, device, dataset, snapshot, out):
-    m = node.manifests.load(device, dataset, snapshot)
+def restore_from(node, device, dataset, snapshot, out, window=2 * CHUNK):
+    """READ through the core; CREDIT back as blocks are written. The node never
+    sends more payload than the credit granted."""
+    tid = f"r-{device}-{dataset}-{snapshot}"
+    node.send("READ", transfer_id=tid, device_id=device, dataset=dataset, snapshot=snapshot, window=window)
+    granted, used = window, 0
     with ImageWriter(out) as writer:
-        writer.on_image(m.image_size, m.chunk_size, m.chunk_count, m.image_blake3)
-        for i, name in enumerate(m.chunks):
-            if name is None:
-                writer.on_block(i, None, m.chunk_len(i), "raw", None)
-            else:
-                codec, raw_len, payload = node.chunks.read_stored(name)
-                writer.on_block(i, name, raw_len, codec, payload)
+        for _ in range(100000):
+            if writer.complete:
+                break
+            for reply in node.take_sent():
+                if reply.t == "ERROR":
+                    raise RequestError(reply["reason"], reply["code"])
+                if reply.t == "IMAGE":
+                    writer.on_image(reply["image_size"], reply["chunk_size"], reply["chunk_count"],
+                                    reply["image_blake3"])
+                    continue
+                assert reply.t == "BLOCK", reply
+                payload = reply.payload[0] if reply.payload else None
+                used += len(payload) if payload is not None else 0
+                assert used <= granted, "a restore exceeded the agent's credit"
+                back = writer.on_block(reply["index"], reply["hash"], reply["raw_len"], reply["codec"], payload)
+                if back:
+                    granted += back
+                    node.send("CREDIT", transfer_id=tid, bytes=back)
+            if not node.sent and not writer.complete and not (node.run_store() or node.run_image()):
+                raise AssertionError("restore stalled")
         writer.finish()
+    assert not node.core.pump.sessions, "the finished restore is forgotten"
+    node.send("CREDIT", transfer_id=tid, bytes=CHUNK)  # late credit: not an error
+    assert not node.take_sent()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_full_then_incremental_sends_only_changes(tmp_path, seed):
-    node = MemoryNode(tmp_path / "node")
+    node = make_node(tmp_path / "node", seed)
     img = tmp_path / "s1.img"
     write_image(img, 30, seed)
     first = run_upload(node, "dev", "ds", str(img), "s1", seed=seed)
@@ -180,7 +162,7 @@ def test_full_then_incremental_sends_only_changes(tmp_path, seed):
 
 
 def test_deduplication_is_per_device(tmp_path):
-    node = MemoryNode(tmp_path / "node")
+    node = make_node(tmp_path / "node")
     img = tmp_path / "s1.img"
     write_image(img, 10, 5, zero_every=100)
     assert run_upload(node, "dev-a", "ds", str(img), "s1").chunks_sent == 11
@@ -190,17 +172,26 @@ def test_deduplication_is_per_device(tmp_path):
 
 
 def test_commit_refuses_chunks_the_device_never_stored(tmp_path):
-    node = MemoryNode(tmp_path / "node")
-    s = UploadSession("t", "dev", "ds", "s1", CHUNK, CHUNK, 1)
-    name = blake3.blake3(b"x").digest()
-    s.record_slice(0, [name], lambda n: True)  # as if the device owned it: nothing asked
-    s.require_complete()
-    with pytest.raises(RequestError):
-        commit_digest(node.chunks, s, lambda n: True)
+    node = make_node(tmp_path / "node")
+    raw = os.urandom(CHUNK)
+    name = blake3.blake3(raw).digest()
+    node.chunks.put(name, CHUNK, "raw", raw)
+    node.owners.add("dev", name)  # stored by this device before: nothing is asked
+    node.send("OPEN", transfer_id="t-1", device_id="dev", dataset="ds", snapshot="s1", image_size=CHUNK,
+              chunk_size=CHUNK, chunk_count=1)
+    node.send("QUERY", transfer_id="t-1", start=0, hashes=[name])
+    node.settle()
+    assert [(m.t, m.get("missing")) for m in node.take_sent()] == [("OPENED", None), ("MISSING", [])]
+    node.chunks.path_for(name).unlink()  # quarantined by a scrub since
+    node.send("COMMIT", transfer_id="t-1", image_blake3=blake3.blake3(raw).digest())
+    node.settle()
+    [error] = node.take_sent()
+    assert (error.t, error["code"], error["ref"]) == ("ERROR", "commit_failed", "COMMIT")
+    assert not node.manifests.exists("dev", "ds", "s1")
 
 
 def test_damaged_chunk_makes_restore_fail_without_output(tmp_path):
-    node = MemoryNode(tmp_path / "node")
+    node = make_node(tmp_path / "node")
     img = tmp_path / "s1.img"
     write_image(img, 6, 9, zero_every=100)
     run_upload(node, "dev", "ds", str(img), "s1")
@@ -219,7 +210,7 @@ def test_damaged_chunk_makes_restore_fail_without_output(tmp_path):
 
 
 def test_changed_block_tracking_reads_only_changed_chunks(tmp_path):
-    node = MemoryNode(tmp_path / "node")
+    node = make_node(tmp_path / "node")
     img = tmp_path / "s1.img"
     write_image(img, 40, 11)
     first = run_upload(node, "dev", "ds", str(img), "s1")

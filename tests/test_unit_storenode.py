@@ -10,7 +10,7 @@ from bus.errors import RequestError
 from roles.storenode.chunkstore import ChunkStore
 from roles.durable import TEMP_SUFFIX, remove_temp_files, write_durable
 from roles.storenode.manifests import ManifestStore
-from roles.storenode.sessions import UploadSession
+from roles.storenode.uploads import UploadSession
 from roles.storenode.verify import hash_pieces
 
 CHUNK = 4096
@@ -82,7 +82,8 @@ def test_image_cursor_hashes_in_order_whatever_the_arrival_order(tmp_path):
     names = [None if c == bytes(len(c)) else name_of(c) for c in chunks]
     owned = {names[3]}  # stored earlier by this device
     store.put(names[3], CHUNK, "raw", chunks[3])
-    s = UploadSession("t", "dev", "ds", "s1", len(image), CHUNK, len(chunks), hasher=blake3.blake3())
+    s = UploadSession("t", "dev", "ds", "s1", len(image), CHUNK, len(chunks))
+    hasher = blake3.blake3()
     missing = s.record_slice(0, names, owned.__contains__)
     assert missing == [0, 2, 4]
     fed = []
@@ -92,10 +93,10 @@ def test_image_cursor_hashes_in_order_whatever_the_arrival_order(tmp_path):
         s.stored(names[index], chunks[index])
         pieces = s.hashable_pieces(owned.__contains__)
         fed.extend(p[0] for p in pieces)
-        hash_pieces(s.hasher, store, pieces)
+        hash_pieces(hasher, store, pieces)
     assert fed == [0, 1, 2, 3, 4]
     assert s.fully_hashed and not s.arrived
-    assert s.hasher.digest() == blake3.blake3(image).digest()
+    assert hasher.digest() == blake3.blake3(image).digest()
 
 
 def test_scrub_quarantines_damage_and_names_the_snapshot(tmp_path):

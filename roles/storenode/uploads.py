@@ -1,16 +1,23 @@
-"""Storage-side transfer state: uploads being negotiated and restores streaming.
+"""Storage-side upload state: one UploadSession per transfer, and the
+per-device bookkeeping that keeps one device's concurrent uploads from
+sending the same chunk twice.
 
-Plain objects: no sockets, no disk. The storage process feeds them decoded
-messages and asks what to do.
+Plain objects: no sockets, no disk, no clock, no threads (the loop thread
+only). Their states and the moves between them are the table in
+`transitions.py`.
 
 Upload: the agent sends the manifest in order as QUERY slices; each slice is
 answered with the indexes this device has not stored, each name at most once
 per transfer (the first index it appears at). COMMIT is allowed when every
-slice has arrived and every name told missing has been stored.
+slice has arrived and every name told missing has been stored. A name
+another upload of the same device was asked for is not asked again: this
+upload depends on it, and its COMMIT waits (state waiting_on_peer) until
+that chunk is stored, or fails if the other upload goes away without it.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from bus.errors import RequestError
@@ -33,15 +40,18 @@ class UploadSession:
     names: list = field(default_factory=list)
     awaiting: set = field(default_factory=set)
     depends: set = field(default_factory=set)  # names another upload of this device is sending
-    committing: bool = False
+    state: str = "open"  # see transitions.UPLOAD_TRANSITIONS
     last_activity: float = 0.0
+    # QUERY slices whose chunk-file check runs on the store pool, answered in
+    # arrival order: [seq, start, names, absent-or-None]; a COMMIT that
+    # arrives behind them waits in `deferred_commit`.
+    pending_queries: deque = field(default_factory=deque)
+    deferred_commit: object = None
     # The whole-image blake3 is computed while the upload runs: `cursor` is
     # the next index to feed; chunks received ahead of it wait in `arrived`.
     cursor: int = 0
     arrived: dict = field(default_factory=dict)
     arrived_bytes: int = 0
-    hasher: object = None
-    hash_error: Exception | None = None  # set on the image thread, read there at commit
 
     def __post_init__(self):
         self.geometry = ImageGeometry(self.image_size, self.chunk_size)
@@ -54,8 +64,8 @@ class UploadSession:
         upload of the same device has been asked for it; this one then
         depends on it instead of sending it twice.
         """
-        if self.committing:
-            raise RequestError("transfer is committing", "bad_state")
+        if self.state != "open":
+            raise RequestError(f"transfer is {self.state}", "bad_state")
         if start != len(self.names):
             raise RequestError(f"manifest slice starts at {start}, expected {len(self.names)}", "bad_state")
         if start + len(names) > self.chunk_count:
@@ -128,16 +138,51 @@ class UploadSession:
                         self.image_blake3, tuple(self.names))
 
 
-@dataclass
-class ReadSession:
-    """A restore stream: chunks go out in order, only within the agent's credit."""
+class DeviceInFlight:
+    """Per device: the chunk names its uploads have been asked for and not yet
+    stored (with how many uploads were asked), and the commits waiting on
+    them. Indexed by device, so a STORED or a closed upload rechecks only
+    that device's waiting commits."""
 
-    transfer_id: str
-    manifest: Manifest
-    credit: int
-    next_index: int = 0
-    last_activity: float = 0.0
+    def __init__(self):
+        self._names: dict[str, dict] = {}  # device -> {name: uploads asked to send it}
+        self._waiting: dict[str, dict] = {}  # device -> {transfer id: None}, in arrival order
 
-    @property
-    def finished(self) -> bool:
-        return self.next_index >= self.manifest.chunk_count
+    def contains(self, device: str, name: bytes) -> bool:
+        names = self._names.get(device)
+        return names is not None and name in names
+
+    def ask(self, device: str, name: bytes) -> None:
+        names = self._names.setdefault(device, {})
+        names[name] = names.get(name, 0) + 1
+
+    def release(self, device: str, names) -> None:
+        in_flight = self._names.get(device)
+        if in_flight is None:
+            return
+        for name in names:
+            count = in_flight.get(name, 0) - 1
+            if count > 0:
+                in_flight[name] = count
+            else:
+                in_flight.pop(name, None)
+        if not in_flight:
+            del self._names[device]
+
+    def wait(self, device: str, transfer_id: str) -> None:
+        self._waiting.setdefault(device, {})[transfer_id] = None
+
+    def unwait(self, device: str, transfer_id: str) -> None:
+        waiting = self._waiting.get(device)
+        if waiting is not None:
+            waiting.pop(transfer_id, None)
+            if not waiting:
+                del self._waiting[device]
+
+    def waiting(self, device: str) -> list:
+        """The transfer ids of this device's commits waiting on its in-flight chunks."""
+        return list(self._waiting.get(device, ()))
+
+    def statistics(self) -> tuple[int, int]:
+        """(names in flight, commits waiting), over all devices (status only)."""
+        return sum(map(len, self._names.values())), sum(map(len, self._waiting.values()))

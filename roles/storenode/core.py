@@ -1,0 +1,394 @@
+"""The storage node's logic, sans IO: decoded messages and `now` in, effects out.
+
+Theory of operation (ROLES.md, "The core interface"): the driver
+(roles/storage.py) owns the DEALER link, the clock and two pools; this core
+owns every decision. It reads no clock and touches no disk on the loop
+thread: a chunk file's presence (a stat), the filesystem's space, manifest
+loads and chunk reads are `Submit`ted to the "store" pool and come back as
+`completed()`. Ownership (roles/storenode/ownership.py) is not thread-safe,
+so it is asked on the loop only, from memory; the pool checks only that the
+chunk files it names are still on disk (a scrub may have quarantined one).
+The whole-image hash runs on the one "image" thread (imagehash.py).
+
+A QUERY slice is answered in the order slices came, whatever order the pool
+answers in: each waits in its session's `pending_queries` until those before
+it are applied (UploadSession.record_slice requires the manifest in order).
+A COMMIT that comes while slices are pending waits behind them.
+
+Timers are Deadlines: each session's idle check (lazy: a message only moves
+`last_activity`), the space refresh, and the ownership-log flush.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loguru import logger
+
+from bus.deadlines import Deadlines
+from bus.effects import Send, Submit
+from bus.errors import RequestError
+from bus.link import LOST
+from roles.storenode.assembly import PieceAssembler
+from roles.storenode.commits import CommitPath, describe
+from roles.storenode.imagehash import ImageHashes
+from roles.storenode.restores import BROKER, RestorePump
+from roles.storenode.transitions import UPLOAD_TRANSITIONS as UPLOAD, advance
+from roles.storenode.uploads import DeviceInFlight, UploadSession
+from schemas import error_message, make
+
+SOFTWARE = "speedsync-storage/0.1"
+# Sessions no broker has touched this long are orphans (the broker restarted,
+# or parked them and the node missed the ABORT): forget them.
+SESSION_IDLE_S = 600.0
+FLUSH_S = 0.2  # the ownership log's buffer reaches the OS this soon after a chunk is stored
+STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space"})
+
+
+@dataclass(frozen=True)
+class StorageStatistics:
+    uploads: int
+    reads: int
+    store_pending: int
+    names_in_flight: int
+    commits_waiting: int
+    chunks_stored: int
+    commits: int
+    blocks_sent: int
+    errors_sent: int
+    free_bytes: int
+    used_bytes: int
+
+
+def absent_chunks(chunks, names: tuple) -> frozenset:
+    """On a store thread: which of these chunk files are not on disk."""
+    return frozenset(name for name in names if not chunks.has(name))
+
+
+class StorageCore(CommitPath):
+    def __init__(self, node_id: str, window: int, chunks, manifests, owners, *, heartbeat_interval_s: float,
+                 space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S):
+        self.node_id = node_id
+        self.window = window
+        self.chunks = chunks
+        self.manifests = manifests
+        self.owners = owners
+        self.interval_s = heartbeat_interval_s
+        self._idle_s = idle_s
+        self.space = space  # (free, used), refreshed on the store pool
+        self.uploads: dict[str, UploadSession] = {}
+        self.in_flight = DeviceInFlight()
+        self.assembler = PieceAssembler()
+        self.hashes = ImageHashes(chunks, manifests)  # its methods run on the image thread only
+        self.pump = RestorePump(chunks)
+        self.deadlines = Deadlines()
+        self.deadlines.schedule("space", now + heartbeat_interval_s)
+        self.store_pending = 0
+        self._space_pending = False
+        self._query_seq = 0
+        self.errors_sent = 0
+        self.chunks_stored = 0
+        self.commits = 0
+        self._handlers = {"HEARTBEAT": self.on_HEARTBEAT, "ERROR": self.on_ERROR, "OPEN": self.on_OPEN,
+                          "QUERY": self.on_QUERY, "CHUNK": self.on_CHUNK, "COMMIT": self.on_COMMIT,
+                          "ABORT": self.on_ABORT, "READ": self.on_READ, "CREDIT": self.on_CREDIT}
+        self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
+                             "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
+                             "commit": self._committed, "hash": self._ignore, "drop": self._ignore}
+
+    # --- the link ------------------------------------------------------------------
+
+    def register_message(self, now: float):
+        free, used = self.space
+        logger.info("node {} registering", self.node_id)
+        return make("READY", node_id=self.node_id, window=self.window, free_bytes=free, used_bytes=used,
+                    software=SOFTWARE)
+
+    def heartbeat_message(self, now: float):
+        free, used = self.space
+        return make("HEARTBEAT", free_bytes=free, used_bytes=used, load=self.load)
+
+    def on_link(self, event: str, now: float) -> list:
+        if event == LOST:
+            logger.warning("broker silent; reconnecting")
+        return []
+
+    @property
+    def load(self) -> int:
+        return len(self.uploads) + len(self.pump) + self.store_pending
+
+    # --- the Core protocol ---------------------------------------------------------
+
+    def received(self, peer, msg, frames, now: float) -> list:
+        out: list = []
+        handler = self._handlers.get(msg.t)
+        if handler is None:
+            self._error(out, RequestError(f"{msg.t} is not for a storage node", "unknown_type"), msg.t,
+                        transfer_id=msg.get("transfer_id"))
+            return out
+        try:
+            handler(msg, now, out)
+        except RequestError as exc:
+            extra = {"hash": msg["hash"]} if msg.t == "CHUNK" else {}
+            self._error(out, exc, msg.t, transfer_id=msg.get("transfer_id"), **extra)
+        return self._counted(out)
+
+    def _counted(self, out: list) -> list:
+        self.store_pending += sum(1 for e in out if type(e) is Submit and e.pool == "store")
+        return out
+
+    def malformed(self, peer, exc, now: float) -> list:
+        logger.warning("bad message from broker: {}", exc)
+        out: list = []
+        self._error(out, exc, None)
+        return out
+
+    def completed(self, key, result, error, now: float) -> list:
+        kind = key[0]
+        if kind in STORE_KINDS:
+            self.store_pending -= 1
+        out: list = []
+        done = self._completions.get(kind)
+        if done is not None:
+            done(key, result, error, now, out)
+        return self._counted(out)
+
+    def on_time(self, now: float) -> list:
+        out: list = []
+        for key in self.deadlines.pop_due(now):
+            if key == "flush":
+                self.owners.flush()
+            elif key == "space":
+                self.deadlines.schedule("space", now + self.interval_s)
+                if not self._space_pending:
+                    self._space_pending = True
+                    self._store(out, ("space",), self.chunks.space)
+            elif key[0] == "idle":
+                self._expire_upload(key[1], now, out)
+            elif key[0] == "read-idle":
+                since = self.pump.idle_since(key[1])
+                if since is not None:
+                    if since + self._idle_s <= now:
+                        self.pump.abort(key[1])
+                    else:
+                        self.deadlines.schedule(key, since + self._idle_s)
+        return self._counted(out)
+
+    def next_deadline(self) -> float | None:
+        return self.deadlines.next_due()
+
+    def statistics(self) -> StorageStatistics:
+        names, waiting = self.in_flight.statistics()
+        return StorageStatistics(len(self.uploads), len(self.pump), self.store_pending, names, waiting,
+                                 self.chunks_stored, self.commits, self.pump.blocks_sent, self.errors_sent,
+                                 *self.space)
+
+    def close(self) -> None:
+        self.owners.close()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _error(self, out: list, exc, ref: str | None, **extra) -> None:
+        self.errors_sent += 1
+        out.append(Send(BROKER, error_message(exc, ref=ref, **extra)))
+
+    def _store(self, out: list, key: tuple, fn, *args) -> None:
+        out.append(Submit("store", key, fn, args))
+
+    def _upload(self, tid: str, now: float) -> UploadSession:
+        session = self.uploads.get(tid)
+        if session is None:
+            raise RequestError(f"no open transfer {tid}", "unknown_transfer")
+        session.last_activity = now
+        return session
+
+    def _owns(self, device: str):
+        owns = self.owners.owns
+        return lambda name: owns(device, name)
+
+    # --- handlers (one per message type) -------------------------------------------
+
+    def on_HEARTBEAT(self, msg, now: float, out: list) -> None:
+        pass
+
+    def on_ERROR(self, msg, now: float, out: list) -> None:
+        logger.warning("broker says {}: {}", msg["code"], msg["reason"])
+        if msg["code"] == "not_registered":
+            # the broker restarted: the transfers it gave us are gone with it
+            for tid in list(self.uploads):
+                self._close_upload(tid, out)
+            self.pump.clear()
+            out.append(Send(BROKER, self.register_message(now)))
+
+    def on_OPEN(self, msg, now: float, out: list) -> None:
+        tid = msg["transfer_id"]
+        if tid not in self.uploads:
+            self.uploads[tid] = UploadSession(
+                tid, msg["device_id"], msg["dataset"], msg["snapshot"], msg["image_size"], msg["chunk_size"],
+                msg["chunk_count"], last_activity=now)
+            self.deadlines.schedule(("idle", tid), now + self._idle_s)
+        out.append(Send(BROKER, make("OPENED", transfer_id=tid)))
+
+    def on_QUERY(self, msg, now: float, out: list) -> None:
+        session = self._upload(msg["transfer_id"], now)
+        try:
+            advance(session, UPLOAD, "QUERY", "broker")
+            if session.deferred_commit is not None:
+                raise RequestError("QUERY after COMMIT", "bad_state")
+        except RequestError:
+            self._violated(session, out)
+            raise
+        start, names = msg["start"], msg["hashes"]
+        owns = self._owns(session.device_id)
+        # only a name this device owns can be held; whether its file is still there is a stat: the pool's
+        to_stat = tuple({name for name in names if name is not None and owns(name)})
+        if not to_stat and not session.pending_queries:
+            self._apply_slice(session, start, names, frozenset(), out)
+            return
+        self._query_seq += 1
+        entry = [self._query_seq, start, names, None if to_stat else frozenset()]
+        session.pending_queries.append(entry)
+        if to_stat:
+            self._store(out, ("query", session.transfer_id, self._query_seq), absent_chunks, self.chunks, to_stat)
+
+    def _apply_slice(self, session: UploadSession, start: int, names: list, absent: frozenset, out: list) -> None:
+        device, owns = session.device_id, self._owns(session.device_id)
+        try:
+            missing = session.record_slice(start, names, lambda name: owns(name) and name not in absent,
+                                           lambda name: self.in_flight.contains(device, name))
+        except RequestError:
+            self._violated(session, out)
+            raise
+        for index in missing:
+            self.in_flight.ask(device, names[index - start])
+        out.append(Send(BROKER, make("MISSING", transfer_id=session.transfer_id, start=start, count=len(names),
+                                     missing=missing)))
+        self._advance_image(session, out)
+
+    def _queried(self, key, result, error, now: float, out: list) -> None:
+        session = self.uploads.get(key[1])
+        if session is None:
+            return
+        for entry in session.pending_queries:
+            if entry[0] == key[2]:
+                entry[3] = result if error is None else None
+                break
+        if error is not None:
+            logger.error("checking chunks for {} failed: {}", key[1], error)
+            session.pending_queries.clear()
+            self._violated(session, out)
+            self._error(out, RequestError(f"store failed: {describe(error)}", "storage_error"), "QUERY",
+                        transfer_id=key[1])
+            return
+        while session.pending_queries and session.pending_queries[0][3] is not None:
+            _, start, names, absent = session.pending_queries.popleft()
+            if session.state != "open":
+                session.pending_queries.clear()  # failed meanwhile: the error is sent already
+                return
+            try:
+                self._apply_slice(session, start, names, absent, out)
+            except RequestError as exc:
+                session.pending_queries.clear()
+                self._error(out, exc, "QUERY", transfer_id=session.transfer_id)
+                return
+        if not session.pending_queries and session.deferred_commit is not None:
+            msg, session.deferred_commit = session.deferred_commit, None
+            try:
+                self._commit(session, msg, out)
+            except RequestError as exc:
+                self._error(out, exc, "COMMIT", transfer_id=session.transfer_id)
+
+    def _advance_image(self, session: UploadSession, out: list) -> None:
+        pieces = session.hashable_pieces(self._owns(session.device_id))
+        if pieces:
+            out.append(Submit("image", ("hash", session.transfer_id), self.hashes.feed,
+                              (session.transfer_id, pieces)))
+
+    def on_CHUNK(self, msg, now: float, out: list) -> None:
+        session = self._upload(msg["transfer_id"], now)
+        name, raw_len = msg["hash"], msg["raw_len"]
+        try:
+            advance(session, UPLOAD, "CHUNK", "broker")
+        except RequestError:
+            self._violated(session, out)
+            raise
+        # A chunk refused (not asked for, a bad piece) is refused alone: the
+        # broker returns its credit and the transfer goes on (ERROR ref CHUNK).
+        session.expected_len(name, raw_len)
+        payload = self.assembler.add(session.transfer_id, name, msg.get("offset"), msg.get("total"),
+                                     msg.payload[0])
+        if payload is None:
+            return  # more pieces to come
+        self._store(out, ("chunk", session.transfer_id, name, raw_len, len(payload)), self.chunks.put, name,
+                    raw_len, msg["codec"], payload)
+
+    def _chunk_stored(self, key, result, error, now: float, out: list) -> None:
+        _, tid, name, raw_len, wire_len = key
+        if error is not None:
+            if not isinstance(error, RequestError):
+                logger.error("storing chunk {} failed: {}", name.hex()[:16], error)
+                error = RequestError(f"store failed: {describe(error)}", "storage_error")
+            self._error(out, error, "CHUNK", transfer_id=tid, hash=name)
+            return
+        self.chunks_stored += 1
+        session = self.uploads.get(tid)
+        if session is not None:
+            self.owners.add(session.device_id, name)
+            if "flush" not in self.deadlines:
+                self.deadlines.schedule("flush", now + FLUSH_S)
+            was_awaited = name in session.awaiting
+            session.stored(name, result)
+            if was_awaited:
+                self.in_flight.release(session.device_id, [name])
+            self._advance_image(session, out)
+        out.append(Send(BROKER, make("STORED", transfer_id=tid, hash=name, raw_len=raw_len, wire_len=wire_len)))
+        if session is not None:
+            self._recheck_waiting_commits(session.device_id, out)
+
+    def on_COMMIT(self, msg, now: float, out: list) -> None:
+        session = self._upload(msg["transfer_id"], now)
+        if session.pending_queries and session.state == "open" and session.deferred_commit is None:
+            session.deferred_commit = msg  # answered once the slices before it are
+            return
+        self._commit(session, msg, out)
+
+    def on_ABORT(self, msg, now: float, out: list) -> None:
+        self._close_upload(msg["transfer_id"], out)
+        self.pump.abort(msg["transfer_id"])
+
+    def on_READ(self, msg, now: float, out: list) -> None:
+        tid = msg["transfer_id"]
+        self.pump.opening(tid, msg["window"])
+        self._store(out, ("manifest", tid), self.manifests.load, msg["device_id"], msg["dataset"], msg["snapshot"])
+
+    def on_CREDIT(self, msg, now: float, out: list) -> None:
+        out.extend(self.pump.credit(msg["transfer_id"], msg["bytes"], now))
+
+    # --- restores ------------------------------------------------------------------
+
+    def _manifest_loaded(self, key, result, error, now: float, out: list) -> None:
+        tid = key[1]
+        if error is not None:
+            if self.pump.failed_to_open(tid):
+                if not isinstance(error, RequestError):
+                    error = RequestError(f"manifest read failed: {describe(error)}", "storage_error")
+                self._error(out, error, "READ", transfer_id=tid)
+            return
+        out.extend(self.pump.opened(tid, result, now))
+        if self.pump.idle_since(tid) is not None:
+            self.deadlines.schedule(("read-idle", tid), now + self._idle_s)
+
+    def _block_read(self, key, result, error, now: float, out: list) -> None:
+        effects = self.pump.block_read(key[1], key[2], result, error, now)
+        self.errors_sent += sum(1 for e in effects if isinstance(e, Send) and e.message.t == "ERROR")
+        out.extend(effects)
+
+    def _space_read(self, key, result, error, now: float, out: list) -> None:
+        self._space_pending = False
+        if error is None:
+            self.space = result
+        else:
+            logger.warning("statvfs failed: {}", error)
+
+    def _ignore(self, key, result, error, now: float, out: list) -> None:
+        pass  # image-thread bookkeeping; a hash error is kept by the actor and raised at commit
