@@ -13,6 +13,9 @@ from typing import Any, Callable, Protocol
 
 Peer = tuple  # (side: str, routing: bytes | None)
 
+# What a DEALER link tells its core (`on_link(event, now)`).
+CONNECTED, LOST = "connected", "lost"
+
 
 @dataclass(frozen=True, slots=True)
 class Send:

@@ -18,10 +18,11 @@ from typing import Callable
 
 import zmq
 
+from bus.effects import CONNECTED, LOST
 from bus.heartbeat import Backoff
 from bus.sockets import Outbox, make_dealer
 
-CONNECTED, LOST = "connected", "lost"
+__all__ = ["CONNECTED", "LOST", "DealerLink"]
 
 
 class DealerLink:

@@ -28,7 +28,7 @@ from loguru import logger
 from bus.deadlines import Deadlines
 from bus.effects import Send, Submit
 from bus.errors import RequestError
-from bus.link import LOST
+from bus.effects import LOST
 from roles.storenode.assembly import PieceAssembler
 from roles.storenode.commits import CommitPath, describe
 from roles.storenode.imagehash import ImageHashes
