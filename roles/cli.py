@@ -141,7 +141,7 @@ def _run(args) -> int:
             print(json.dumps(doc) if args.json else statusclient.render_list(doc))
         return EXIT_OK
     if args.command == "restore":
-        from roles.appliance.restore import restore
+        from roles.restore import restore
         conf = cfg.load(cfg.AgentConfig, args.config)
         setup_logging(conf.log_level, conf.log_json, conf.device_id)
         result = restore(conf, args.dataset, args.snapshot, args.out)

@@ -8,6 +8,7 @@ WELCOME is the round trip. The fastest wins; ties go to the earlier entry
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import zmq
 from loguru import logger
@@ -57,3 +58,13 @@ def choose_endpoint(ctx: zmq.Context, config, secure, timeout_s: float = PROBE_T
     logger.info("using broker {} (round trip {:.1f} ms; answered: {})", best, rtts[best] * 1000,
                 ", ".join(f"{e} {v * 1000:.1f} ms" for e, v in sorted(rtts.items(), key=lambda kv: kv[1])))
     return best
+
+
+def endpoint_chooser(ctx: zmq.Context, config, secure) -> Callable[[], str]:
+    """What bus.link.DealerLink calls on every (re)connect: the one broker, or
+    the best that answers among several (the first when none does)."""
+    def choose() -> str:
+        if len(config.brokers) > 1:
+            return choose_endpoint(ctx, config, secure) or config.brokers[0]
+        return config.brokers[0]
+    return choose
