@@ -20,9 +20,8 @@ import zmq
 from loguru import logger
 
 from bus.clock import MonotonicClock
-from bus.errors import RemoteProtocolError, RequestError
+from bus.errors import RemoteProtocolError
 from bus.link import CONNECTED, DealerLink
-from bus.linkfaults import LinkFaults
 from bus.loop import Loop
 from bus.pipeline import TaskPool
 from bus.sockets import make_router
@@ -30,13 +29,10 @@ from roles import config as cfg
 from roles.appliance.core import AgentCore
 from roles.appliance.progress import Progress
 from roles.config import AgentConfig
-from roles.endpoints import endpoint_chooser
+from roles.endpoints import endpoint_chooser, link_faults
 from roles.process import StopFlag, client_security
+from roles.statusclient import status_endpoint
 from schemas import decode, encode, make
-
-
-def status_endpoint(config: AgentConfig) -> str:
-    return config.status_bind or f"ipc://{os.path.join(config.state_dir, 'agent.sock')}"
 
 
 class AgentProcess:
@@ -53,15 +49,15 @@ class AgentProcess:
         secure = client_security(config)
         self.link = DealerLink(self.ctx, endpoint_chooser(self.ctx, config, secure), encode, self._register,
                                self.core.heartbeat_message, config.heartbeat_interval_ms / 1000,
-                               config.heartbeat_liveness, secure=secure, faults=_link_faults(config))
+                               config.heartbeat_liveness, secure=secure, faults=link_faults(config))
         self.link.connect(t)
         self._opened()
         self.loop = Loop(self.clock, encode)
-        self.loop.add_link("broker", self.link, self._from_broker, self._on_link)
+        self.loop.add_link("broker", self.link, self._from, self._on_link)
         self.loop.add_pool("image", self.image, self.core.completed)
         self.loop.add_pool("work", self.work, self.core.completed)
         status_sock = make_router(self.ctx, status_endpoint(config), mandatory=False)
-        self.loop.add_socket("status", status_sock, self._from_status, routed=True, burst=64)
+        self.loop.add_socket("status", status_sock, self._from, routed=True, burst=64)
         self.progress = Progress()
         self.unanswered_since: float | None = t  # no WELCOME since then
         self.gave_up = False
@@ -72,23 +68,16 @@ class AgentProcess:
     def _register(self, now: float):
         return self.core.register_message(now, endpoint=self.link.endpoint)
 
-    def _from_broker(self, peer, frames, now: float) -> list:
+    def _from(self, peer, frames, now: float) -> list:
         try:
             msg = decode(frames)
         except RemoteProtocolError as exc:
             return self.core.malformed(peer, exc, now)
         effects = self.core.received(peer, msg, frames, now)
         self.link.welcomed = self.core.welcomed  # for BYE at close
-        if self.core.heartbeat_interval_s is not None:
+        if self.core.heartbeat_interval_s is not None:  # the broker's, from WELCOME
             self.link.interval_s = self.core.heartbeat_interval_s
         return effects
-
-    def _from_status(self, peer, frames, now: float) -> list:
-        try:
-            msg = decode(frames)
-        except RemoteProtocolError as exc:
-            return self.core.malformed(peer, exc, now)
-        return self.core.received(peer, msg, frames, now)
 
     def _on_link(self, side: str, event: str, now: float) -> list:
         if event == CONNECTED:
@@ -153,15 +142,6 @@ class AgentProcess:
         return 1 if self.core.outcomes.failures() else 0
 
 
-def _link_faults(config: AgentConfig) -> LinkFaults | None:
-    faults = LinkFaults(config.fault_link_drop_rate, config.fault_link_delay_ms, config.fault_seed)
-    if faults.active:
-        logger.warning("fault injection on: dropping {:.1%} and delaying {} ms of what this agent sends",
-                       config.fault_link_drop_rate, config.fault_link_delay_ms)
-        return faults
-    return None
-
-
 def run_agent(config: AgentConfig, once: bool, as_json: bool, config_path: str | None = None) -> int:
     stop = StopFlag().install()
     agent = AgentProcess(config, once=once, config_path=config_path)
@@ -177,21 +157,3 @@ def run_agent(config: AgentConfig, once: bool, as_json: bool, config_path: str |
     if stop.stopping and once:
         return 1
     return code
-
-
-def query_agent_status(config: AgentConfig, timeout_ms: int = 3000) -> dict:
-    """`speedsync agent --config F --status`: ask the running agent."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(status_endpoint(config))
-        sock.send_multipart(encode(make("STATUS")))
-        if not sock.poll(timeout_ms):
-            raise RequestError(f"no agent answers at {status_endpoint(config)} (is it running?)", "internal")
-        reply = decode(sock.recv_multipart())
-    finally:
-        sock.close()
-    if reply.t != "STATUS_REPLY":
-        raise RequestError(reply.get("reason", "unexpected answer"), "internal")
-    return dict(reply["status"])

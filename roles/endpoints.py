@@ -1,4 +1,5 @@
 """Choosing the broker endpoint: measure each, use the best that answers.
+Also the link faults the config asks for (tests only).
 
 Each configured endpoint gets a HELLO on its own connection; the time to its
 WELCOME is the round trip. The fastest wins; ties go to the earlier entry
@@ -14,6 +15,7 @@ import zmq
 from loguru import logger
 
 from bus.errors import RemoteProtocolError
+from bus.linkfaults import LinkFaults
 from bus.sockets import make_dealer
 from schemas import decode, encode, make
 
@@ -68,3 +70,12 @@ def endpoint_chooser(ctx: zmq.Context, config, secure) -> Callable[[], str]:
             return choose_endpoint(ctx, config, secure) or config.brokers[0]
         return config.brokers[0]
     return choose
+
+
+def link_faults(config) -> LinkFaults | None:
+    faults = LinkFaults(config.fault_link_drop_rate, config.fault_link_delay_ms, config.fault_seed)
+    if faults.active:
+        logger.warning("fault injection on: dropping {:.1%} and delaying {} ms of what this agent sends",
+                       config.fault_link_drop_rate, config.fault_link_delay_ms)
+        return faults
+    return None

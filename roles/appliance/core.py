@@ -37,10 +37,11 @@ from roles.appliance.bandwidth import Bandwidth
 from roles.appliance.chunker import ImageHasher
 from roles.appliance.effort import CompressionEffort
 from roles.appliance.journal import Journal
-from roles.appliance.outcomes import Outcomes
+from roles.appliance.outcomes import Outcomes, record_settled
 from roles.appliance.planner import may_preempt, plan
-from roles.appliance.replies import PARKING_CODES, answer_status
-from roles.appliance.scanner import scan, scan_ids
+from roles.appliance.replies import answer_status, apply_reply
+from roles.appliance.resume import interrupted_uploads, unchanged_chunks
+from roles.appliance.scanner import scan
 from roles.appliance.upload import Upload
 from roles.appliance.wire import WireScheduler
 from schemas import error_message, make
@@ -93,7 +94,7 @@ class AgentCore:
         self.endpoint = ""
         self.heartbeat_interval_s: float | None = None  # the broker's, from WELCOME
         self.malformed_count = 0
-        self.resuming = self._interrupted_uploads()
+        self.resuming = interrupted_uploads(self.journal)
         self.scanned_once = False
         self._outbox: list = []
 
@@ -131,17 +132,6 @@ class AgentCore:
             self._finished(upload, now)
 
     # --- scheduling ----------------------------------------------------------------
-
-    def _interrupted_uploads(self) -> set:
-        resuming = set()
-        for dataset, snapshot, path in self.journal.interrupted():
-            if os.path.exists(path):
-                resuming.add((dataset, snapshot))
-                logger.info("{}/{} was interrupted; it resumes from what the cloud holds", dataset, snapshot)
-            else:
-                logger.warning("{}/{} was interrupted but {} has vanished; forgetting it", dataset, snapshot, path)
-                self.journal.forget_started(dataset, snapshot)
-        return resuming
 
     def rescan(self, now: float) -> None:
         if not self.once:
@@ -193,7 +183,7 @@ class AgentCore:
             outbox(Submit("image", (serial, "image"), _hash_step, (hasher, pieces, final)))
 
         upload = Upload(pending, submit, self._send, hash_image, compress_level=self.effort.level,
-                        clock=self._clock, known=self._unchanged_chunks(pending), read_pacer=self.read_pacer)
+                        clock=self._clock, known=unchanged_chunks(pending, self.journal, self.names), read_pacer=self.read_pacer)
         self.active[serial] = upload
         self.by_req[serial] = upload
         self._serial_of[id(upload)] = serial
@@ -206,22 +196,6 @@ class AgentCore:
 
     def _outbox_append(self, effect) -> None:
         self._outbox.append(effect)
-
-    def _unchanged_chunks(self, pending) -> dict | None:
-        """Changed-block tracking: names of chunks the .changes sidecar says did not change."""
-        if not os.path.exists(os.path.splitext(pending.path)[0] + cbt.SUFFIX):
-            return None
-        name = pending.dataset.name
-        previous = self.journal.previous_committed(name, pending.snapshot)
-        between = previous is not None and any(
-            previous < other < pending.snapshot
-            for other in scan_ids(pending.dataset) | self.journal.settled_snapshots(name))
-        known, why = cbt.known_names(pending, previous, between, self.names)
-        if known is None:
-            logger.info("{}/{}: reading the whole image ({})", name, pending.snapshot, why)
-        else:
-            logger.info("{}/{}: reading only changed chunks ({})", name, pending.snapshot, why)
-        return known
 
     # --- the reply watchdog: an upload the cloud has gone silent about (a lost
     # message, a broker that lost it) is parked and offered again ----------------
@@ -366,20 +340,7 @@ class AgentCore:
             self.by_req.pop(msg["req"], None)
             if not msg["committed"]:
                 self.by_transfer[msg["transfer_id"]] = upload
-            upload.on_accept(msg["transfer_id"], msg["committed"])
-        elif msg.t == "MISSING":
-            upload.on_missing(msg["start"], msg["missing"])
-        elif msg.t == "CREDIT":
-            upload.on_credit(msg["bytes"])
-        elif msg.t == "STORED":
-            upload.on_stored(msg["hash"], msg["raw_len"], msg["wire_len"])
-            self.wire.acknowledged(msg["wire_len"], now)
-        elif msg.t == "COMMITTED":
-            upload.on_committed(msg["image_blake3"])
-        elif msg.t == "ERROR" and msg["code"] in PARKING_CODES:
-            upload.park(f"{msg['code']}: {msg['reason']}")
-        elif msg.t == "ERROR":
-            upload.fail(f"{msg['code']}: {msg['reason']}")
+        apply_reply(upload, msg, self.wire, now)
         if upload.finished:
             self._finished(upload, now)
 
@@ -419,22 +380,8 @@ class AgentCore:
         key = upload.pending.key
         after = self.outcomes.settle(key, upload.summary(), upload.state, upload.reason,
                                      os.path.exists(upload.pending.path), now)
-        if after.action == "done":
-            self.journal.record_committed(key[0], key[1], upload.image_blake3, upload.image_size)
-            if len(upload.names) == upload.chunk_count:
-                self.names.save(key[0], key[1], upload.chunk_size, upload.image_size, upload.names)
-            self.resuming.discard(key)
-            summary = self.outcomes.results[key]
-            logger.info("committed {}/{}: {} chunks sent, {} bytes on the wire", key[0], key[1],
-                        summary["chunks_sent"], summary["bytes_sent"])
-        elif after.action == "drop":
-            logger.warning("{}/{} vanished from {}; dropping it", key[0], key[1], upload.pending.path)
-            self.journal.forget_started(key[0], key[1])
-        elif after.action == "give_up":
-            logger.error("{}/{}: giving up: {}", key[0], key[1], after.why)
-        else:
-            logger.warning("{}/{} {} ({}); offering again in {:.1f}s", key[0], key[1], upload.state, after.why,
-                           after.at - now)
+        record_settled(after, upload, self.journal, self.names, self.resuming, self.outcomes, now)
+        if after.action == "retry":
             self.queue.appendleft(upload.pending)
             self.deadlines.schedule(("retry", key), after.at)  # only to wake when it may start
 
