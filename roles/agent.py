@@ -12,7 +12,6 @@ progress line; `--once` ends when nothing is active or queued.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
