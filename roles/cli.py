@@ -119,7 +119,7 @@ def _run(args) -> int:
         conf = cfg.load(cfg.AgentConfig, args.config)
         setup_logging(conf.log_level, conf.log_json, conf.device_id)
         if args.status:
-            from roles.agent import query_agent_status
+            from roles.statusclient import query_agent_status
             from roles.appliance.render import render_agent_status
             doc = query_agent_status(conf)
             print(json.dumps(doc) if args.json else render_agent_status(doc))
@@ -141,7 +141,7 @@ def _run(args) -> int:
             print(json.dumps(doc) if args.json else statusclient.render_list(doc))
         return EXIT_OK
     if args.command == "restore":
-        from roles.appliance.restore import restore
+        from roles.restore import restore
         conf = cfg.load(cfg.AgentConfig, args.config)
         setup_logging(conf.log_level, conf.log_json, conf.device_id)
         result = restore(conf, args.dataset, args.snapshot, args.out)

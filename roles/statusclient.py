@@ -1,7 +1,9 @@
-"""Client side of the broker's status socket: STATUS and LIST, and their rendering."""
+"""Client side of the status sockets: the broker's STATUS and LIST, and their
+rendering; the running agent's own (`speedsync agent --status`)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import zmq
@@ -9,6 +11,7 @@ import zmq
 from bus import security
 from bus.errors import RemoteProtocolError, RequestError
 from schemas import decode, encode, make
+from roles.config import AgentConfig
 from roles.tables import table
 from roles.units import format_bytes
 
@@ -83,3 +86,25 @@ def render_list(snapshots: list) -> str:
     return table(["device", "dataset", "snapshot", "node", "size", "blake3"],
                   [[s["device_id"], s["dataset"], s["snapshot"], s["node_id"], format_bytes(s["size"]),
                     s["blake3"][:16]] for s in snapshots])
+
+
+def status_endpoint(config: AgentConfig) -> str:
+    return config.status_bind or f"ipc://{os.path.join(config.state_dir, 'agent.sock')}"
+
+
+def query_agent_status(config: AgentConfig, timeout_ms: int = 3000) -> dict:
+    """`speedsync agent --config F --status`: ask the running agent."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(status_endpoint(config))
+        sock.send_multipart(encode(make("STATUS")))
+        if not sock.poll(timeout_ms):
+            raise RequestError(f"no agent answers at {status_endpoint(config)} (is it running?)", "internal")
+        reply = decode(sock.recv_multipart())
+    finally:
+        sock.close()
+    if reply.t != "STATUS_REPLY":
+        raise RequestError(reply.get("reason", "unexpected answer"), "internal")
+    return dict(reply["status"])

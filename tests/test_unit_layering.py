@@ -11,8 +11,8 @@ LOGIC = [
     *[str(p.relative_to(ROOT)) for p in (ROOT / "schemas").glob("*.py")],
     *[str(p.relative_to(ROOT)) for p in (ROOT / "roles/controller").glob("*.py")],
     *[str(p.relative_to(ROOT)) for p in (ROOT / "roles/storenode").glob("*.py")],
-    "roles/appliance/upload.py", "roles/appliance/scanner.py", "roles/appliance/chunker.py",
-    "roles/appliance/journal.py", "roles/appliance/progress.py",
+    "bus/clock.py", "bus/deadlines.py", "bus/effects.py",
+    *[str(p.relative_to(ROOT)) for p in (ROOT / "roles/appliance").glob("*.py")],
     "roles/config.py", "roles/units.py",
 ]
 
@@ -26,6 +26,25 @@ def imported_modules(path: Path) -> set:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     return names
+
+
+def imported_full_names(path: Path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_role_package_imports_another():
+    packages = [p.name for p in (ROOT / "roles").iterdir() if (p / "__init__.py").exists()]
+    for package in packages:
+        others = {f"roles.{other}" for other in packages if other != package}
+        for path in (ROOT / "roles" / package).glob("*.py"):
+            bad = {n for n in imported_full_names(path) if any(n == o or n.startswith(o + ".") for o in others)}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
 def test_logic_modules_do_not_import_zmq():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loguru import logger
+
 MAX_ATTEMPTS_ONCE = 4
 PARK_RETRY_S = 2.0
 CARRIED = ("chunks_sent", "bytes_read", "bytes_sent")
@@ -85,3 +87,25 @@ class Outcomes:
 
     def summary(self) -> dict:
         return {"transfers": list(self.results.values())}
+
+
+def record_settled(after: Next, upload, journal, names, resuming: set, outcomes: Outcomes, now: float) -> None:
+    """Write down and log what `settle` decided for a finished upload (a retry's
+    re-queueing is the caller's)."""
+    key = upload.pending.key
+    if after.action == "done":
+        journal.record_committed(key[0], key[1], upload.image_blake3, upload.image_size)
+        if len(upload.names) == upload.chunk_count:
+            names.save(key[0], key[1], upload.chunk_size, upload.image_size, upload.names)
+        resuming.discard(key)
+        summary = outcomes.results[key]
+        logger.info("committed {}/{}: {} chunks sent, {} bytes on the wire", key[0], key[1],
+                    summary["chunks_sent"], summary["bytes_sent"])
+    elif after.action == "drop":
+        logger.warning("{}/{} vanished from {}; dropping it", key[0], key[1], upload.pending.path)
+        journal.forget_started(key[0], key[1])
+    elif after.action == "give_up":
+        logger.error("{}/{}: giving up: {}", key[0], key[1], after.why)
+    else:
+        logger.warning("{}/{} {} ({}); offering again in {:.1f}s", key[0], key[1], upload.state, after.why,
+                       after.at - now)

@@ -5,29 +5,21 @@ order, checks each chunk's blake3 against its name, writes it at its offset
 in a temporary file, feeds the whole-image hasher, and returns credit to
 grant back. `finish()` checks the whole-image blake3, fsyncs and renames to
 the final name; any failure removes the temporary file, so a wrong byte
-never leaves a FILE behind.
+never leaves a FILE behind. The `speedsync restore` loop around it is
+roles/restore.py.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import blake3
-import zmq
 
-from bus.errors import CODES, RequestError
-from roles.appliance.endpoints import choose_endpoint
-from roles.appliance.link import BrokerLink
-from roles.config import AgentConfig
-from roles.process import MAX_POLL_MS, client_security, now
+from bus.errors import RequestError
 from roles.chunkdata import decode_and_verify, feed_zeros
-from roles.geometry import ImageGeometry
 from roles.durable import fsync_dir
-from schemas import make
-
-RESTORE_WINDOW = 32 * 1024 * 1024
+from roles.geometry import ImageGeometry
 
 
 class ImageWriter:
@@ -96,62 +88,3 @@ class ImageWriter:
             os.close(self.fd)
             self.fd = None
         self.tmp.unlink(missing_ok=True)
-
-
-def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_s: float | None = None) -> dict:
-    """Run a restore to completion; raises RequestError with a clear reason on failure."""
-    ctx = zmq.Context()
-    secure = client_security(config)
-    endpoint = config.brokers[0]
-    if len(config.brokers) > 1:
-        endpoint = choose_endpoint(ctx, config, secure) or endpoint
-    link = BrokerLink(ctx, endpoint, config.device_id, config.heartbeat_interval_ms / 1000,
-                      config.heartbeat_liveness, now(), secure=secure)
-    started = time.monotonic()
-    if timeout_s is None:
-        timeout_s = config.connect_timeout_ms / 1000
-    try:
-        with ImageWriter(out) as writer:
-            return _restore_loop(link, writer, dataset, snapshot, out, timeout_s, started)
-    finally:
-        link.close()
-        ctx.term()
-
-
-def _restore_loop(link, writer, dataset, snapshot, out, timeout_s, started) -> dict:
-    transfer_id = None
-    last_progress = now()
-    poller = zmq.Poller()
-    poller.register(link.sock, zmq.POLLIN)
-    requested = False
-    while True:
-        t = now()
-        if t - last_progress > timeout_s:
-            if not link.welcomed:
-                raise RequestError(f"no broker answered at {link.endpoint} for {timeout_s:.0f}s", "node_unavailable")
-            raise RequestError(f"the restore made no progress for {timeout_s:.0f}s", "internal")
-        if not link.tick(t):
-            raise RequestError(f"broker {link.endpoint} does not answer", "node_unavailable")
-        if link.welcomed and not requested:
-            link.send(make("RESTORE", req=1, dataset=dataset, snapshot=snapshot, window=RESTORE_WINDOW), t)
-            requested = True
-        if not poller.poll(MAX_POLL_MS):
-            continue
-        for msg in link.receive(now()):
-            last_progress = now()
-            if msg.t == "ERROR":
-                raise RequestError(msg["reason"], msg["code"] if msg["code"] in CODES else "internal")
-            if msg.t == "ACCEPT":
-                transfer_id = msg["transfer_id"]
-            elif msg.t == "IMAGE" and msg["transfer_id"] == transfer_id:
-                writer.on_image(msg["image_size"], msg["chunk_size"], msg["chunk_count"], msg["image_blake3"])
-            elif msg.t == "BLOCK" and msg["transfer_id"] == transfer_id:
-                credit = writer.on_block(msg["index"], msg["hash"], msg["raw_len"], msg["codec"],
-                                         msg.payload[0] if msg.payload else None)
-                if credit and not writer.complete:
-                    link.send(make("CREDIT", transfer_id=transfer_id, bytes=credit), now())
-            if writer.complete:
-                writer.finish()
-                return {"dataset": dataset, "snapshot": snapshot, "out": str(out), "bytes": writer.image_size,
-                        "blake3": writer.expected_blake3.hex(), "seconds": round(time.monotonic() - started, 3)}
-

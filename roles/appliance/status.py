@@ -1,13 +1,14 @@
 """The agent's own status (`speedsync agent --config F --status`): each
 dataset's queue and how far behind it is, the transfers in progress with rate
-and ETA, and the bandwidth limit in force with what set it."""
+and ETA, and the bandwidth limit in force with what set it.
+
+`now` is the monotonic time of the turn; `wall_now` (time.time() from the
+driver) dates the newest commit, which the journal stores as wall time."""
 
 from __future__ import annotations
 
-import time
 
-
-def agent_status(agent, now: float) -> dict:
+def agent_status(agent, now: float, wall_now: float) -> dict:
     queued: dict[str, list] = {}
     for p in agent.queue:
         queued.setdefault(p.dataset.name, []).append(p)
@@ -24,7 +25,7 @@ def agent_status(agent, now: float) -> dict:
             "behind_snapshots": len(behind),
             "behind_bytes": sum(p.size for p in behind) - (upload.progress()[0] if upload else 0),
             "newest_committed": newest[0] if newest else None,
-            "newest_committed_age_s": round(time.time() - newest[2], 1) if newest else None,
+            "newest_committed_age_s": round(wall_now - newest[2], 1) if newest else None,
         })
     transfers = []
     for u in agent.active.values():
@@ -39,8 +40,8 @@ def agent_status(agent, now: float) -> dict:
         })
     return {
         "device_id": agent.config.device_id,
-        "broker": agent.link.endpoint,
-        "connected": agent.link.welcomed,
+        "broker": agent.endpoint,
+        "connected": agent.welcomed,
         "bandwidth": agent.bandwidth.describe(agent.rate),
         "wire": {"in_flight": agent.wire.in_flight, "window": agent.wire.window, "ack_rate_bytes_per_s": round(agent.wire.ack_rate), "sent_total": agent.wire.sent_total,
                  "compress_level": agent.effort.level},

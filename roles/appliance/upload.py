@@ -30,6 +30,15 @@ from schemas import make
 BATCH_CHUNKS = 16
 MAX_HASH_BATCHES_IN_FLIGHT = 4
 
+# The cloud's replies each state of an upload allows (h11 style: the table is
+# the rule, a miss is the error). Anything else is the cloud's protocol
+# violation: `require_allowed` raises bad_state and the agent fails the upload.
+UPLOAD_REPLIES = {
+    "offering": frozenset({"ACCEPT", "ERROR"}),
+    "sending": frozenset({"MISSING", "CREDIT", "STORED", "ERROR"}),
+    "committing": frozenset({"CREDIT", "COMMITTED", "ERROR"}),
+}
+
 
 class Upload:
     def __init__(self, pending: PendingSnapshot, submit, send, hash_image, compress_level: int = 1,
@@ -90,6 +99,11 @@ class Upload:
 
     def heard(self) -> None:
         self.last_heard = self._clock()
+
+    def require_allowed(self, t: str) -> None:
+        """Raise RequestError(bad_state) for a reply this state does not allow."""
+        if t not in UPLOAD_REPLIES.get(self.state, ()):
+            raise RequestError(f"{t} while the upload is {self.state}", "bad_state")
 
     def silent_for(self, now: float) -> float:
         return now - self.last_heard
@@ -228,6 +242,8 @@ class Upload:
         return size
 
     def on_stored(self, name: bytes, raw_len: int, wire_len: int) -> None:
+        if name not in self._awaiting_stored:
+            raise RequestError("STORED for a chunk this upload is not waiting on", "bad_state")
         self._awaiting_stored.discard(name)
         self.unacked_wire = max(0, self.unacked_wire - wire_len)
         self.bytes_stored_raw += raw_len

@@ -1,4 +1,5 @@
 """Choosing the broker endpoint: measure each, use the best that answers.
+Also the link faults the config asks for (tests only).
 
 Each configured endpoint gets a HELLO on its own connection; the time to its
 WELCOME is the round trip. The fastest wins; ties go to the earlier entry
@@ -8,11 +9,13 @@ WELCOME is the round trip. The fastest wins; ties go to the earlier entry
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import zmq
 from loguru import logger
 
 from bus.errors import RemoteProtocolError
+from bus.linkfaults import LinkFaults
 from bus.sockets import make_dealer
 from schemas import decode, encode, make
 
@@ -57,3 +60,22 @@ def choose_endpoint(ctx: zmq.Context, config, secure, timeout_s: float = PROBE_T
     logger.info("using broker {} (round trip {:.1f} ms; answered: {})", best, rtts[best] * 1000,
                 ", ".join(f"{e} {v * 1000:.1f} ms" for e, v in sorted(rtts.items(), key=lambda kv: kv[1])))
     return best
+
+
+def endpoint_chooser(ctx: zmq.Context, config, secure) -> Callable[[], str]:
+    """What bus.link.DealerLink calls on every (re)connect: the one broker, or
+    the best that answers among several (the first when none does)."""
+    def choose() -> str:
+        if len(config.brokers) > 1:
+            return choose_endpoint(ctx, config, secure) or config.brokers[0]
+        return config.brokers[0]
+    return choose
+
+
+def link_faults(config) -> LinkFaults | None:
+    faults = LinkFaults(config.fault_link_drop_rate, config.fault_link_delay_ms, config.fault_seed)
+    if faults.active:
+        logger.warning("fault injection on: dropping {:.1%} and delaying {} ms of what this agent sends",
+                       config.fault_link_drop_rate, config.fault_link_delay_ms)
+        return faults
+    return None
