@@ -265,10 +265,11 @@ def test_with_little_to_send_the_rate_holds_at_twice_what_was_delivered():
 
 def test_status_shows_what_the_controller_knows_and_a_reload_changes_the_target():
     bandwidth = Bandwidth(YIELD, (), 25)
-    rate = bandwidth.current(0.0)
+    noon = dt.datetime(2026, 1, 5, 12, 0)
+    rate = bandwidth.current(0.0, noon)
     for i in range(1, 40):
         bandwidth.yielding.on_rtt(0.002, i * 0.1, 5_000_000)
-    doc = bandwidth.describe(bandwidth.current(4.0))
+    doc = bandwidth.describe(bandwidth.current(4.0, noon))
     assert doc["limit"] == "yield" and doc["base_delay_ms"] == 2.0 and doc["queue_delay_ms"] == 0.0
     assert doc["peak_delivery_bytes_per_s"] == 5_000_000 and doc["rate_bytes_per_s"] > rate
     text = render_agent_status({"device_id": "office-1", "broker": "tcp://198.18.1.2:5550", "connected": True,

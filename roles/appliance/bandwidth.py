@@ -29,9 +29,8 @@ class Bandwidth:
         """The yield controller while yield is the limit in force."""
         return self._controller if self.mode == YIELD else None
 
-    def current(self, now: float, moment: dt.datetime | None = None) -> int | None:
-        """Bytes per second allowed now (None: unlimited)."""
-        moment = moment or dt.datetime.now()
+    def current(self, now: float, moment: dt.datetime) -> int | None:
+        """Bytes per second allowed now (None: unlimited); `moment`: the local wall time, for the schedule."""
         mode, self.set_by = limit_at(self.schedule, self.limit, moment)
         if mode == YIELD:
             if self._controller is None:

@@ -20,6 +20,8 @@ objects are called exactly as before, with the driver's `now`.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import itertools
 import math
 import os
@@ -227,7 +229,7 @@ class AgentCore:
             return
         self.next_limit_check = now + LIMIT_CHECK_S
         self.deadlines.schedule(LIMIT, self.next_limit_check)
-        rate = self.bandwidth.current(now)
+        rate = self.bandwidth.current(now, dt.datetime.fromtimestamp(self._wall_clock()))
         if rate != self.rate:
             if self.bandwidth.yielding is None:
                 logger.info("bandwidth limit now {} (set by {})", self.bandwidth.describe(rate)["limit"],

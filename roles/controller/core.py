@@ -227,10 +227,10 @@ class Controller(AgentSide, NodeSide):
             agent.transfers.discard(t.transfer_id)
         if t.kind == "upload" and t.refusal is None:
             self.placement.release(t.device_id, t.dataset)
+        self.credit.forget(t.node_id, t.transfer_id)
+        self.credit.release(t.node_id, released)  # to the node's pool even if its session is gone
         if node is not None:
             node.transfers.discard(t.transfer_id)
-            self.credit.forget(node.node_id, t.transfer_id)
-            self.credit.release(node.node_id, released)
             if t.kind == "upload" and t.refusal is None:
                 node.reserved_bytes = max(0, node.reserved_bytes - t.image_size)
             self.serve_waiting(node)
