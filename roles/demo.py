@@ -9,7 +9,6 @@ snapshot is restored and its blake3 compared with the original's.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile

@@ -111,7 +111,7 @@ _DECLARED = [
        {**TRANSFER, "image_blake3": Bin(size=32, max_len=32, nullable=True)}, via="broker"),
     _t("COMMITTED", "node", "broker agent", "the snapshot is verified against its image blake3 and durable",
        {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(), "image_size": Int(max=MAX_IMAGE_SIZE),
-        "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}),
+        "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}, via="broker"),
     _t("ABORT", "agent broker", "broker node", "forget a transfer (chunks already stored stay)", {**TRANSFER}),
     _t("RESTORE", "agent", "broker", "stream a committed snapshot back, under the agent's credit",
        {"req": Int(), "device_id": Id(required=False), "dataset": Id(), "snapshot": Id(), "window": Int(min=1, max=2**34)}),

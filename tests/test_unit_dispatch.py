@@ -25,3 +25,24 @@ def test_every_broker_handler_exists():
     for side, table in DISPATCH.items():
         for t, name in table.items():
             assert callable(getattr(Controller, name, None)), f"{side} {t}: no method {name}"
+
+
+def declared_to(receiver: str) -> set:
+    """What a DEALER role gets from the broker: sent by it, or passed on via it."""
+    return {name for name, m in MESSAGES.items()
+            if not m.planned and receiver in m.receivers and ("broker" in m.senders or "broker" in m.via)}
+
+
+def test_storage_node_dispatch_matches_the_schema():
+    from roles.storenode.core import DISPATCH as NODE, StorageCore
+    assert set(NODE) == {"broker"}
+    assert set(NODE["broker"]) == declared_to("node")
+    assert all(callable(getattr(StorageCore, name, None)) for name in NODE["broker"].values())
+
+
+def test_agent_dispatch_matches_the_schema():
+    from roles.appliance.core import AgentCore
+    from roles.appliance.replies import DISPATCH as AGENT
+    assert set(AGENT["broker"]) == declared_to("agent")
+    assert set(AGENT["status"]) == {n for n, m in MESSAGES.items() if "operator" in m.senders and "agent" in m.receivers}
+    assert all(callable(getattr(AgentCore, name, None)) for name in AGENT["broker"].values())

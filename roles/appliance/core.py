@@ -32,7 +32,6 @@ from loguru import logger
 
 from bus.deadlines import Deadlines
 from bus.effects import Send, Submit
-from bus.errors import RequestError
 from bus.pacing import BlockingPacer
 from roles.appliance import cbt
 from roles.appliance.bandwidth import Bandwidth
@@ -41,7 +40,7 @@ from roles.appliance.effort import CompressionEffort
 from roles.appliance.journal import Journal
 from roles.appliance.outcomes import Outcomes, record_settled
 from roles.appliance.planner import may_preempt, plan
-from roles.appliance.replies import answer_status, apply_reply
+from roles.appliance.replies import DISPATCH, BrokerReplies, answer_status
 from roles.appliance.resume import interrupted_uploads, unchanged_chunks
 from roles.appliance.scanner import scan
 from roles.appliance.upload import Upload
@@ -66,7 +65,7 @@ class AgentStatistics:
     malformed: int
 
 
-class AgentCore:
+class AgentCore(BrokerReplies):
     def __init__(self, config, now: float, *, clock, wall_clock, once: bool = False):
         """`clock()` is the driver's monotonic clock (for Upload's own
         timestamps); `wall_clock()` the wall time (status dates commits)."""
@@ -99,6 +98,7 @@ class AgentCore:
         self.resuming = interrupted_uploads(self.journal)
         self.scanned_once = False
         self._outbox: list = []
+        self._handlers = {t: getattr(self, name) for t, name in DISPATCH["broker"].items()}
 
     def _take(self) -> list:
         out, self._outbox = self._outbox, []
@@ -304,47 +304,6 @@ class AgentCore:
         return not self.active and not self.queue
 
     # --- events ---------------------------------------------------------------------
-
-    def on_message(self, msg, now: float) -> None:
-        if msg.t == "WELCOME":
-            self.welcomed = True
-            self.heartbeat_interval_s = msg["heartbeat_interval_ms"] / 1000
-            return
-        if msg.t == "HEARTBEAT":
-            return
-        if msg.t == "PONG":
-            if self.bandwidth.yielding is not None:
-                self.bandwidth.yielding.on_rtt(now - msg["sent_us"] / 1e6, now, self.wire.ack_rate)
-            return
-        if msg.t == "ERROR" and msg["code"] == "not_registered":
-            # the broker restarted and forgot us: our transfers are gone with it
-            self.on_broker_lost(now)
-            self._send(self.register_message(now))
-            return
-        upload = None
-        if msg.get("transfer_id") is not None:
-            upload = self.by_transfer.get(msg["transfer_id"])
-        if upload is None and msg.get("req") is not None:
-            upload = self.by_req.get(msg["req"])
-        if upload is None:
-            if msg.t == "ERROR":
-                logger.warning("broker error {}: {}", msg["code"], msg["reason"])
-            return
-        try:
-            self._dispatch(upload, msg, now)
-        except RequestError as exc:
-            self._fail(upload, f"{exc.code}: {exc.reason}", now)
-
-    def _dispatch(self, upload: Upload, msg, now: float) -> None:
-        upload.heard()
-        upload.require_allowed(msg.t)
-        if msg.t == "ACCEPT":
-            self.by_req.pop(msg["req"], None)
-            if not msg["committed"]:
-                self.by_transfer[msg["transfer_id"]] = upload
-        apply_reply(upload, msg, self.wire, now)
-        if upload.finished:
-            self._finished(upload, now)
 
     def on_task(self, key, result, error, now: float) -> None:
         serial, kind = key[0], key[1]

@@ -1,6 +1,10 @@
-"""What the agent makes of the cloud's refusals, and its answer on the status socket."""
+"""What the agent makes of the broker's messages: the dispatch table, the
+handlers (a mixin of AgentCore), the cloud's refusals, and the answer on the
+status socket."""
 
 from __future__ import annotations
+
+from loguru import logger
 
 from bus.effects import Send
 from bus.errors import RequestError
@@ -10,6 +14,75 @@ from schemas import error_message, make
 # Refusals that say "not now" rather than "never": the upload is parked and
 # offered again without counting as a failed attempt.
 PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error"}
+
+# what the broker sends or passes on to an agent -> handler; tests/test_unit_dispatch.py checks it against schemas
+DISPATCH = {
+    "broker": {"WELCOME": "on_WELCOME", "HEARTBEAT": "on_HEARTBEAT", "PONG": "on_PONG", "ERROR": "on_ERROR",
+               "ACCEPT": "on_reply", "MISSING": "on_reply", "CREDIT": "on_reply", "STORED": "on_reply",
+               "COMMITTED": "on_reply", "IMAGE": "on_restore_reply", "BLOCK": "on_restore_reply"},
+    "status": {"STATUS": "answer_status"},
+}
+
+
+class BrokerReplies:
+    """AgentCore's handlers of what the broker sends; `_handlers` is built from DISPATCH."""
+
+    def on_message(self, msg, now: float) -> None:
+        handler = self._handlers.get(msg.t)
+        if handler is None:  # declared for other receivers: a confused or hostile broker
+            self.malformed_count += 1
+            logger.warning("{} from the broker is not for an agent", msg.t)
+            return
+        handler(msg, now)
+
+    def on_WELCOME(self, msg, now: float) -> None:
+        self.welcomed = True
+        self.heartbeat_interval_s = msg["heartbeat_interval_ms"] / 1000
+
+    def on_HEARTBEAT(self, msg, now: float) -> None:
+        pass
+
+    def on_PONG(self, msg, now: float) -> None:
+        if self.bandwidth.yielding is not None:
+            self.bandwidth.yielding.on_rtt(now - msg["sent_us"] / 1e6, now, self.wire.ack_rate)
+
+    def on_ERROR(self, msg, now: float) -> None:
+        if msg["code"] == "not_registered":
+            # the broker restarted and forgot us: our transfers are gone with it
+            self.on_broker_lost(now)
+            self._send(self.register_message(now))
+            return
+        self.on_reply(msg, now)
+
+    def on_reply(self, msg, now: float) -> None:
+        """A message about one upload: found by transfer id, else by request id."""
+        upload = None
+        if msg.get("transfer_id") is not None:
+            upload = self.by_transfer.get(msg["transfer_id"])
+        if upload is None and msg.get("req") is not None:
+            upload = self.by_req.get(msg["req"])
+        if upload is None:
+            if msg.t == "ERROR":
+                logger.warning("broker error {}: {}", msg["code"], msg["reason"])
+            return
+        try:
+            self._dispatch(upload, msg, now)
+        except RequestError as exc:
+            self._fail(upload, f"{exc.code}: {exc.reason}", now)
+
+    def on_restore_reply(self, msg, now: float) -> None:
+        pass  # IMAGE and BLOCK belong to `speedsync restore` (roles/restore.py), never to a replicating agent
+
+    def _dispatch(self, upload, msg, now: float) -> None:
+        upload.heard()
+        upload.require_allowed(msg.t)
+        if msg.t == "ACCEPT":
+            self.by_req.pop(msg["req"], None)
+            if not msg["committed"]:
+                self.by_transfer[msg["transfer_id"]] = upload
+        apply_reply(upload, msg, self.wire, now)
+        if upload.finished:
+            self._finished(upload, now)
 
 
 def answer_status(core, peer, msg, now: float, wall_now: float) -> Send:

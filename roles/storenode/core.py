@@ -42,6 +42,9 @@ SOFTWARE = "speedsync-storage/0.1"
 # or parked them and the node missed the ABORT): forget them.
 SESSION_IDLE_S = 600.0
 FLUSH_S = 0.2  # the ownership log's buffer reaches the OS this soon after a chunk is stored
+# what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
+DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
+                                             "READ", "CREDIT")}}
 STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space"})
 
 
@@ -89,9 +92,7 @@ class StorageCore(CommitPath):
         self.errors_sent = 0
         self.chunks_stored = 0
         self.commits = 0
-        self._handlers = {"HEARTBEAT": self.on_HEARTBEAT, "ERROR": self.on_ERROR, "OPEN": self.on_OPEN,
-                          "QUERY": self.on_QUERY, "CHUNK": self.on_CHUNK, "COMMIT": self.on_COMMIT,
-                          "ABORT": self.on_ABORT, "READ": self.on_READ, "CREDIT": self.on_CREDIT}
+        self._handlers = {t: getattr(self, name) for t, name in DISPATCH["broker"].items()}
         self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
                              "commit": self._committed, "hash": self._ignore, "drop": self._ignore}
