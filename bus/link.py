@@ -8,8 +8,8 @@ nothing else sent. A broker silent for `liveness` intervals is dead: the
 socket is closed and a new one is opened when the back-off deadline comes
 (doubling, reset by the first message heard), never by postdating liveness.
 
-The link keeps no thread and reads no clock: the loop feeds it `now` and
-asks `next_deadline()` when to wake.
+The link keeps no thread: the loop feeds it `now` and asks
+`next_deadline()` when to wake.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ __all__ = ["CONNECTED", "LOST", "DealerLink"]
 class DealerLink:
     def __init__(self, ctx: zmq.Context, choose_endpoint: Callable[[], str], encode,
                  register: Callable[[float], object], heartbeat: Callable[[float], object],
-                 interval_s: float, liveness: int, *, secure=None, faults=None):
+                 interval_s: float, liveness: int, *, secure=None, faults=None, clock=None):
         """`register(now)`/`heartbeat(now)` build the owner's HELLO|READY and
-        HEARTBEAT; `choose_endpoint()` runs on every (re)connect."""
+        HEARTBEAT; `choose_endpoint()` runs on every (re)connect. It may block
+        (probing several brokers): with the driver's `clock()`, the new
+        connection's liveness then counts from when it opened."""
         self.ctx = ctx
         self._choose_endpoint = choose_endpoint
         self._encode = encode
@@ -40,6 +42,7 @@ class DealerLink:
         self.liveness = liveness
         self.secure = secure
         self.faults = faults  # bus.linkfaults.LinkFaults, for tests
+        self._clock = clock
         self.backoff = Backoff()
         self.endpoint = ""
         self.sock: zmq.Socket | None = None
@@ -56,6 +59,8 @@ class DealerLink:
     def connect(self, now: float) -> zmq.Socket:
         self.close(say_bye=False)
         self.endpoint = self._choose_endpoint()
+        if self._clock is not None:
+            now = self._clock()
         self.sock = make_dealer(self.ctx, self.endpoint, secure=self.secure)
         self.outbox = Outbox(self.sock, self._encode)
         self.reconnect_at = None

@@ -20,7 +20,7 @@ from loguru import logger
 
 from bus.clock import MonotonicClock
 from bus.errors import RemoteProtocolError
-from bus.link import CONNECTED, DealerLink
+from bus.link import DealerLink
 from bus.loop import Loop
 from bus.pipeline import TaskPool
 from bus.sockets import make_router
@@ -48,9 +48,9 @@ class AgentProcess:
         secure = client_security(config)
         self.link = DealerLink(self.ctx, endpoint_chooser(self.ctx, config, secure), encode, self._register,
                                self.core.heartbeat_message, config.heartbeat_interval_ms / 1000,
-                               config.heartbeat_liveness, secure=secure, faults=link_faults(config))
+                               config.heartbeat_liveness, secure=secure, faults=link_faults(config),
+                               clock=self.clock.now)
         self.link.connect(t)
-        self._opened()
         self.loop = Loop(self.clock, encode)
         self.loop.add_link("broker", self.link, self._from, self._on_link)
         self.loop.add_pool("image", self.image, self.core.completed)
@@ -79,14 +79,7 @@ class AgentProcess:
         return effects
 
     def _on_link(self, side: str, event: str, now: float) -> list:
-        if event == CONNECTED:
-            self._opened()
         return self.core.on_link(event, now)
-
-    def _opened(self) -> None:
-        # Choosing among several brokers blocks for up to a probe timeout: the
-        # new connection's liveness counts from when it opened, not from before.
-        self.link.last_heard = max(self.link.last_heard, self.clock.now())
 
     def _on_turn(self, now: float) -> list:
         effects = []

@@ -36,11 +36,9 @@ def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_
     link = DealerLink(ctx, endpoint_chooser(ctx, config, secure), encode,
                       lambda now: make("HELLO", device_id=config.device_id, software=SOFTWARE),
                       lambda now: make("HEARTBEAT"), config.heartbeat_interval_ms / 1000,
-                      config.heartbeat_liveness, secure=secure)
+                      config.heartbeat_liveness, secure=secure, clock=clock.now)
     started = clock.now()
     link.connect(started)
-    # choosing among several brokers blocks: liveness counts from when the connection opened
-    link.last_heard = clock.now()
     if timeout_s is None:
         timeout_s = config.connect_timeout_ms / 1000
     try:

@@ -45,3 +45,21 @@ def test_final_states_accept_nothing():
 def test_every_live_state_can_be_aborted_by_its_agent():
     for (kind, state, _, _) in TRANSITIONS:
         assert TRANSITIONS.get((kind, state, "agent", "ABORT")) == "aborted", (kind, state)
+
+
+def test_the_agent_upload_table_moves_or_refuses():
+    from types import SimpleNamespace
+
+    from roles.appliance.transitions import STATES, UPLOAD_REPLIES, UPLOAD_TRANSITIONS, move
+    events = {event for (_, event) in UPLOAD_TRANSITIONS}
+    for state, event in itertools.product(STATES, events):
+        upload = SimpleNamespace(state=state)
+        expected = UPLOAD_TRANSITIONS.get((state, event))
+        if expected is None:
+            with pytest.raises(LookupError):
+                move(upload, event)
+            assert upload.state == state
+        else:
+            assert move(upload, event) == expected == upload.state
+    assert set(UPLOAD_REPLIES) <= set(STATES)
+    assert all(t in MESSAGES for replies in UPLOAD_REPLIES.values() for t in replies)

@@ -25,19 +25,12 @@ from bus.errors import RequestError
 from roles.appliance.chunker import compress, read_and_hash, read_chunk
 from roles.appliance.scanner import PendingSnapshot
 from roles.geometry import ImageGeometry
+from roles.appliance.transitions import FINAL_STATES, UPLOAD_REPLIES, move
 from schemas import make
 
 BATCH_CHUNKS = 16
 MAX_HASH_BATCHES_IN_FLIGHT = 4
 
-# The cloud's replies each state of an upload allows (h11 style: the table is
-# the rule, a miss is the error). Anything else is the cloud's protocol
-# violation: `require_allowed` raises bad_state and the agent fails the upload.
-UPLOAD_REPLIES = {
-    "offering": frozenset({"ACCEPT", "ERROR"}),
-    "sending": frozenset({"MISSING", "CREDIT", "STORED", "ERROR"}),
-    "committing": frozenset({"CREDIT", "COMMITTED", "ERROR"}),
-}
 
 
 class Upload:
@@ -110,10 +103,10 @@ class Upload:
 
     def on_accept(self, transfer_id: str, committed: bool) -> None:
         if committed:
-            self._finish("committed")
+            self._finish("already_committed")
             return
         self.transfer_id = transfer_id
-        self.state = "sending"
+        move(self, "accepted")
         self.pump()
 
     # --- pipeline ----------------------------------------------------------
@@ -259,7 +252,7 @@ class Upload:
                 and not self._unanswered and not self._to_compress and not self._compressing
                 and not self._ready and self._current is None and not self._awaiting_stored
                 and not self._hashing):
-            self.state = "committing"
+            move(self, "all_stored")
             self._send(make("COMMIT", transfer_id=self.transfer_id, image_blake3=self.image_blake3))
 
     def on_committed(self, image_blake3: bytes) -> None:
@@ -267,19 +260,19 @@ class Upload:
             self.fail("the cloud committed another image blake3 than ours")
             return
         self.image_blake3 = image_blake3
-        self._finish("committed")
+        self._finish("COMMITTED")
 
     def fail(self, reason: str) -> None:
         self.reason = reason
-        self._finish("failed")
+        self._finish("fail")
 
     def park(self, reason: str) -> None:
         """The cloud cannot take it now (no node for it); offer again later."""
         self.reason = reason
-        self._finish("parked")
+        self._finish("park")
 
-    def _finish(self, state: str) -> None:
-        self.state = state
+    def _finish(self, event: str) -> None:
+        move(self, event)
         self.finished_at = self._clock()
         self._held.clear()
         self._ready.clear()
@@ -288,7 +281,7 @@ class Upload:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("committed", "failed", "parked")
+        return self.state in FINAL_STATES
 
     @property
     def idle_work(self) -> bool:
