@@ -18,7 +18,8 @@ def protocol_table() -> str:
         low, high = m.payload
         payload = "—" if high == 0 else (str(low) if low == high else f"{low}..{high}")
         purpose = m.purpose + (" *(planned)*" if m.planned else "")
-        lines.append(f"| `{m.name}` | {', '.join(m.senders)} → {', '.join(m.receivers)} | {fields} | {payload} | {purpose} |")
+        route = f"{', '.join(m.senders)} → {', '.join(m.receivers)}" + (f" (via {', '.join(m.via)})" if m.via else "")
+        lines.append(f"| `{m.name}` | {route} | {fields} | {payload} | {purpose} |")
     return "\n".join(lines)
 
 
