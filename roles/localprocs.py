@@ -67,15 +67,17 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05):
-    """Poll condition() until it returns a true value (returned); else TimeoutError."""
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05, on_timeout=None):
+    """Poll condition() until it returns a true value (returned); else TimeoutError
+    naming `what` (and what `on_timeout()` says, if given)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            detail = f"\n{on_timeout()}" if on_timeout else ""
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}{detail}")
         time.sleep(interval_s)
 
 

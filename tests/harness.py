@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from roles import localprocs
 from roles.localprocs import free_ports  # noqa: F401  (one helper for benches and tests)
 
 from roles.sampleimages import file_blake3
@@ -53,15 +54,7 @@ HEARTBEAT_LIVENESS = 10
 
 def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.1, on_timeout=None):
     """Poll condition() until it returns something true (returned), else fail with `what`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{on_timeout()}" if on_timeout else ""
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}{detail}")
-        time.sleep(interval_s)
+    return localprocs.wait_for(condition, timeout_s, what, interval_s, on_timeout)
 
 
 def tail(path: Path, lines: int = 40) -> str:
