@@ -7,6 +7,8 @@ else for one interval.
 
 from __future__ import annotations
 
+import random
+
 
 class Liveness:
     def __init__(self, interval_s: float, liveness: int, now: float):
@@ -35,17 +37,24 @@ class Liveness:
 
 
 class Backoff:
-    """Reconnect delays: doubling from `initial_s` up to `max_s`, reset on success."""
+    """Reconnect delays: doubling from `initial_s` up to `max_s`, reset on success.
 
-    def __init__(self, initial_s: float = 0.25, max_s: float = 8.0):
+    Each delay is jittered ("equal jitter": half fixed, half uniform), so the
+    thousands of devices that lost one broker at the same instant do not
+    come back at the same instant: a restart is no thundering herd. `rng`
+    is injectable for tests (any object with `random()`).
+    """
+
+    def __init__(self, initial_s: float = 0.25, max_s: float = 8.0, rng=None):
         self.initial_s = initial_s
         self.max_s = max_s
         self.current_s = initial_s
+        self._rng = rng if rng is not None else random.Random()
 
     def next_delay(self) -> float:
         delay = self.current_s
         self.current_s = min(self.max_s, self.current_s * 2)
-        return delay
+        return delay / 2 + self._rng.random() * delay / 2
 
     def reset(self) -> None:
         self.current_s = self.initial_s

@@ -45,3 +45,19 @@ def test_fake_clock_moves_only_forward_when_told():
     assert clock.now() == 110.0
     with pytest.raises(ValueError):
         clock.advance(-1)
+
+
+def test_reconnect_backoff_doubles_is_jittered_and_resets():
+    import random
+
+    from bus.heartbeat import Backoff
+    backoff = Backoff(0.25, 8.0, rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(8)]
+    for i, delay in enumerate(delays):
+        nominal = min(8.0, 0.25 * 2 ** i)
+        assert nominal / 2 <= delay <= nominal
+    assert len(set(delays)) == len(delays)
+    many = [Backoff(1.0, 8.0, rng=random.Random(seed)).next_delay() for seed in range(200)]
+    assert max(many) - min(many) > 0.4  # spread over the half that is random
+    backoff.reset()
+    assert backoff.next_delay() <= 0.25

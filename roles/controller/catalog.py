@@ -71,9 +71,18 @@ class CatalogStore:
                               (device_id, dataset, snapshot)).fetchone()
         return _row(row) if row else None
 
-    def record(self, device_id, dataset, snapshot, node_id, size, chunk_count, blake3: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (device_id, dataset, snapshot, node_id, size, chunk_count, blake3, time.time()))
+    def record_many(self, rows: list) -> None:
+        """Group commit: every row in one transaction, so one fsync covers them all."""
+        committed_at = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                [(*row, committed_at) for row in rows])
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def list(self, device_id: str | None = None) -> list[dict]:
         query, args = f"SELECT {COLUMNS} FROM snapshots", ()

@@ -77,6 +77,8 @@ class Controller(AgentSide, NodeSide):
         self.stall_s = config.stall_timeout_ms / 1000
         self.errors_by_code: Counter = Counter()
         self.committed_frames: dict[str, list] = {}  # COMMITTED waiting for its catalog row
+        self.rows_waiting: dict[str, tuple] = {}  # transfer id -> catalog row, for the next batch
+        self.batch_in_flight: tuple = ()  # transfer ids whose rows the catalog is writing
         self.handlers = {side: {t: getattr(self, name) for t, name in table.items()}
                          for side, table in DISPATCH.items()}
         self.now = 0.0
@@ -114,8 +116,8 @@ class Controller(AgentSide, NodeSide):
             self.offer_checked(key[1], result, error)
         elif kind == "restore":
             self.restore_found(key[1], result, error)
-        elif kind == "record":
-            self.recorded(key[1], error)
+        elif kind == "records":
+            self.batch_recorded(key[1], error)
         elif kind == "list":
             self.listed(key[1], result, error)
         return self.out
@@ -135,9 +137,12 @@ class Controller(AgentSide, NodeSide):
                 self.node_lost(session, "silent past heartbeat liveness")
         for tid in self.stalls.pop_due(now):
             self.watch_stall(tid)
+        self.flush_records()
         return self.out
 
     def next_deadline(self) -> float | None:
+        if self.rows_waiting and not self.batch_in_flight:
+            return self.now  # rows to hand the catalog: at the end of this turn
         due = [d for d in (self.registry.next_due(), self.stalls.next_due()) if d is not None]
         return min(due) if due else None
 

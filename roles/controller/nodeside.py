@@ -102,9 +102,25 @@ class NodeSide:
         t = self.placed(node, msg)
         t.last_progress = self.now
         self.committed_frames[t.transfer_id] = list(frames)
-        self.out.append(Submit("catalog", ("record", t.transfer_id), self.store.record,
-                               (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
-                                msg["chunk_count"], msg["image_blake3"])))
+        # group commit: rows that arrive together share one transaction (one fsync); see flush_records
+        self.rows_waiting[t.transfer_id] = (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
+                                            msg["chunk_count"], msg["image_blake3"])
+
+    def flush_records(self) -> None:
+        """Hand the catalog every row waiting, as one batch, unless a batch is
+        already being written: then they wait for it and go together next."""
+        if not self.rows_waiting or self.batch_in_flight:
+            return
+        batch, self.rows_waiting = self.rows_waiting, {}
+        self.batch_in_flight = tuple(batch)
+        self.out.append(Submit("catalog", ("records", self.batch_in_flight), self.store.record_many,
+                               (list(batch.values()),)))
+
+    def batch_recorded(self, tids: tuple, error) -> None:
+        self.batch_in_flight = ()
+        for tid in tids:
+            self.recorded(tid, error)
+        self.flush_records()
 
     def recorded(self, tid: str, error) -> None:
         frames = self.committed_frames.pop(tid, None)
