@@ -74,8 +74,6 @@ class AgentProcess:
             return self.core.malformed(peer, exc, now)
         effects = self.core.received(peer, msg, frames, now)
         self.link.welcomed = self.core.welcomed  # for BYE at close
-        if self.core.heartbeat_interval_s is not None:  # the broker's, from WELCOME
-            self.link.interval_s = self.core.heartbeat_interval_s
         return effects
 
     def _on_link(self, side: str, event: str, now: float) -> list:
@@ -83,6 +81,8 @@ class AgentProcess:
 
     def _on_turn(self, now: float) -> list:
         effects = []
+        if self.core.link_interval_s is not None:  # the broker's, from WELCOME: short while uploading
+            self.link.interval_s = self.core.link_interval_s
         if self.signals.reload_requested:
             self.signals.reload_requested = False
             effects += self._reload(now)

@@ -46,6 +46,8 @@ class BrokerConfig:
     node_keys: str = _kind("path", "")
     operator_keys: str = _kind("path", "")
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
+    # an agent with no transfer in progress beats this often (told in WELCOME; never below heartbeat_interval_ms)
+    idle_heartbeat_interval_ms: int = _kind("int", 5000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
     transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024)
     finished_transfers_kept: int = _kind("int", 200, min=0)

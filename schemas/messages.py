@@ -62,8 +62,10 @@ TRANSFER = {"transfer_id": Id()}
 _DECLARED = [
     _t("HELLO", "agent", "broker", "register a device session (identity from its key under CURVE)",
        {"device_id": Id(), "software": Str(max_len=64, required=False)}),
-    _t("WELCOME", "broker", "agent", "session accepted; heartbeat interval to use",
-       {"heartbeat_interval_ms": Int(min=10, max=600_000)}),
+    _t("WELCOME", "broker", "agent", "session accepted; heartbeat interval to use (and, with no transfer in "
+       "progress, the longer idle one)",
+       {"heartbeat_interval_ms": Int(min=10, max=600_000), "idle_heartbeat_interval_ms": Int(min=10, max=600_000,
+                                                                                             required=False)}),
     _t("READY", "node", "broker", "register a storage worker with its credit window and space",
        {"node_id": Id(), "window": Int(min=1, max=2**40), "free_bytes": Int(), "used_bytes": Int(),
         "software": Str(max_len=64, required=False)}),

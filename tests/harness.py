@@ -288,6 +288,7 @@ class Cluster:
         conf = {
             "frontend_bind": self.frontend, "backend_bind": self.backend, "status_bind": self.status_endpoint,
             "data_dir": str(self.root / "var" / "broker"), "heartbeat_interval_ms": self.heartbeat_interval_ms,
+            "idle_heartbeat_interval_ms": 2 * self.heartbeat_interval_ms,
             "heartbeat_liveness": self.heartbeat_liveness, "log_level": "DEBUG", **self._broker_security(),
             **overrides,
         }

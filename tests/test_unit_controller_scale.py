@@ -41,7 +41,8 @@ class CountingDict(dict):
 
 def test_on_time_does_constant_work_when_nothing_is_due():
     clock = FakeClock()
-    config = BrokerConfig(insecure=True, heartbeat_interval_ms=1000, heartbeat_liveness=3)
+    config = BrokerConfig(insecure=True, heartbeat_interval_ms=1000, idle_heartbeat_interval_ms=1000,
+                          heartbeat_liveness=3)
     controller = Controller(config, store=None, index=CatalogIndex())
     for i in range(N):
         frames = encode(make("HELLO", device_id=f"dev-{i}"))
@@ -58,3 +59,20 @@ def test_on_time_does_constant_work_when_nothing_is_due():
     beats = controller.on_time(clock.now())
     assert len(beats) == N and {e.message.t for e in beats} == {"HEARTBEAT"}
     assert counting.touches == N
+
+
+def test_an_idle_agent_beats_at_the_idle_interval_and_a_busy_one_at_the_short_one():
+    from roles.controller.registry import Registry
+    registry = Registry(1.0, 3, idle_interval_s=5.0)
+    session = registry.register_agent(b"r", "dev", 100.0)
+    assert registry.next_due() == 105.0  # idle: the first beat is owed after 5 s
+    assert registry.due(104.9) == ([], [])
+    registry.busy(session, True)  # an OFFER began a transfer: beats every second from now on
+    assert registry.next_due() == 101.0
+    beats, dead = registry.due(101.0)
+    assert beats == [session] and not dead
+    registry.busy(session, False)
+    assert registry.due(103.5) == ([], [])  # idle again: silent 3.5 s is no death (5 s x 3 is)
+    assert registry.due(114.9) == ([session], [])
+    beats, dead = registry.due(115.0)
+    assert dead == [session]

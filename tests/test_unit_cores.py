@@ -54,6 +54,7 @@ class RestoreClient:
         self.done = False
 
     def handle(self, msg) -> list:
+        out = []
         if msg.t == "ACCEPT":
             self.transfer_id = msg["transfer_id"]
         elif msg.t == "IMAGE":
@@ -62,13 +63,13 @@ class RestoreClient:
             credit = self.writer.on_block(msg["index"], msg["hash"], msg["raw_len"], msg["codec"],
                                           msg.payload[0] if msg.payload else None)
             if credit:
-                return [make("CREDIT", transfer_id=self.transfer_id, bytes=credit)]
+                out.append(make("CREDIT", transfer_id=self.transfer_id, bytes=credit))
         elif msg.t == "ERROR":
             self.errors.append(msg)
         if self.writer.complete and not self.done:
             self.writer.finish()
             self.done = True
-        return []
+        return out
 
 
 class Router:

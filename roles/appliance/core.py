@@ -94,6 +94,7 @@ class AgentCore(BrokerReplies):
         self.welcomed = False
         self.endpoint = ""
         self.heartbeat_interval_s: float | None = None  # the broker's, from WELCOME
+        self.idle_heartbeat_interval_s: float | None = None  # with no upload in progress
         self.malformed_count = 0
         self.resuming = interrupted_uploads(self.journal)
         self.scanned_once = False
@@ -297,6 +298,14 @@ class AgentCore(BrokerReplies):
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(self.welcomed, len(self.active), len(self.queue), self.wire.in_flight,
                                self.wire.window, self.wire.sent_total, self.malformed_count)
+
+    @property
+    def link_interval_s(self) -> float | None:
+        """The heartbeat interval the broker expects of us now (None before WELCOME):
+        the short one while an upload is in progress, the idle one otherwise."""
+        if self.heartbeat_interval_s is None:
+            return None
+        return self.heartbeat_interval_s if self.active else self.idle_heartbeat_interval_s
 
     @property
     def done(self) -> bool:

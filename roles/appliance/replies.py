@@ -38,6 +38,8 @@ class BrokerReplies:
     def on_WELCOME(self, msg, now: float) -> None:
         self.welcomed = True
         self.heartbeat_interval_s = msg["heartbeat_interval_ms"] / 1000
+        idle_ms = msg.get("idle_heartbeat_interval_ms") or msg["heartbeat_interval_ms"]
+        self.idle_heartbeat_interval_s = max(self.heartbeat_interval_s, idle_ms / 1000)
 
     def on_HEARTBEAT(self, msg, now: float) -> None:
         pass

@@ -31,7 +31,8 @@ class AgentSide:
         if not isinstance(who, tuple) and who.device_id != msg["device_id"]:
             raise RequestError("a connection speaks for one device only", "forbidden")
         session = self.registry.register_agent(peer[1], msg["device_id"], self.now)
-        self.send(session, make("WELCOME", heartbeat_interval_ms=self.config.heartbeat_interval_ms))
+        self.send(session, make("WELCOME", heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+                                idle_heartbeat_interval_ms=int(self.registry.idle_interval_s * 1000)))
         logger.info("agent {} connected", msg["device_id"])
 
     def agent_HEARTBEAT(self, session, msg, frames) -> None:

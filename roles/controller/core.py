@@ -67,7 +67,8 @@ class Controller(AgentSide, NodeSide):
         self.store = store
         self.identify = identify
         self.process_figures = process_figures
-        self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness)
+        self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness,
+                                 config.idle_heartbeat_interval_ms / 1000)
         self.credit = CreditScheduler()
         self.placement = Placement(index)
         self.history = History(config.finished_transfers_kept)
@@ -209,6 +210,7 @@ class Controller(AgentSide, NodeSide):
         if t.kind == "upload":
             self.uploads_by_key[t.key] = t
         session.transfers.add(t.transfer_id)
+        self.registry.busy(session, True)
 
     def finish(self, t: Transfer, state: str, reason: str = "", record: bool = True) -> None:
         """End a transfer: release its credit, reservation and placement hold; keep it for status."""
@@ -230,6 +232,8 @@ class Controller(AgentSide, NodeSide):
         agent = self.registry.agents.get(t.agent_routing)
         if agent is not None:
             agent.transfers.discard(t.transfer_id)
+            if not agent.transfers:
+                self.registry.busy(agent, False)
         if t.kind == "upload" and t.refusal is None:
             self.placement.release(t.device_id, t.dataset)
         self.credit.forget(t.node_id, t.transfer_id)

@@ -25,6 +25,7 @@ class PeerSession:
     routing: bytes
     last_heard: float
     last_sent: float
+    interval_s: float = 1.0  # this session's heartbeat interval (an idle agent's is longer)
 
     @property
     def peer(self) -> tuple:
@@ -55,8 +56,9 @@ class NodeSession(PeerSession):
 
 
 class Registry:
-    def __init__(self, interval_s: float, liveness: int):
+    def __init__(self, interval_s: float, liveness: int, idle_interval_s: float | None = None):
         self.interval_s = interval_s
+        self.idle_interval_s = max(interval_s, idle_interval_s or interval_s)
         self.liveness = liveness
         self.agents: dict[bytes, AgentSession] = {}
         self.nodes: dict[bytes, NodeSession] = {}
@@ -72,9 +74,10 @@ class Registry:
         old = self.agents.get(routing)
         if old is None:
             self.sessions_per_device[device_id] += 1
-        session = AgentSession("agent", routing, now, now, device_id=device_id)
+        session = AgentSession("agent", routing, now, now, self.idle_interval_s, device_id=device_id)
         if old is not None:
             session.transfers = old.transfers
+            session.interval_s = old.interval_s
         self.agents[routing] = session
         self.known_devices[device_id] = True
         self._schedule(session)
@@ -94,7 +97,7 @@ class Registry:
 
     def register_node(self, routing: bytes, node_id: str, pool: CreditPool, free: int, used: int,
                       now: float) -> NodeSession:
-        session = NodeSession("node", routing, now, now, node_id=node_id, credit=pool, free_bytes=free,
+        session = NodeSession("node", routing, now, now, self.interval_s, node_id=node_id, credit=pool, free_bytes=free,
                               used_bytes=used)
         self.nodes[routing] = session
         self.nodes_by_id[node_id] = session
@@ -125,9 +128,17 @@ class Registry:
     def sent(session: PeerSession, now: float) -> None:
         session.last_sent = now
 
+    def busy(self, session: AgentSession, busy: bool) -> None:
+        """An agent's first transfer began (beat at the short interval from now on) or its last ended."""
+        interval = self.interval_s if busy else self.idle_interval_s
+        if session.interval_s != interval:
+            session.interval_s = interval
+            if busy:  # sooner than what is scheduled: the agent now expects us at the short interval
+                self._schedule(session)
+
     def _schedule(self, session: PeerSession) -> None:
-        death = session.last_heard + self.interval_s * self.liveness
-        beat = session.last_sent + self.interval_s
+        death = session.last_heard + session.interval_s * self.liveness
+        beat = session.last_sent + session.interval_s
         self.deadlines.schedule(session.peer, min(death, beat))
 
     def due(self, now: float) -> tuple[list, list]:
@@ -138,10 +149,10 @@ class Registry:
             session = self.session(side, routing)
             if session is None:
                 continue
-            if now >= session.last_heard + self.interval_s * self.liveness:
+            if now >= session.last_heard + session.interval_s * self.liveness:
                 dead.append(session)
                 continue
-            if now >= session.last_sent + self.interval_s:
+            if now >= session.last_sent + session.interval_s:
                 beats.append(session)
                 session.last_sent = now
             self._schedule(session)
