@@ -71,9 +71,17 @@ class CatalogStore:
                               (device_id, dataset, snapshot)).fetchone()
         return _row(row) if row else None
 
-    def record(self, device_id, dataset, snapshot, node_id, size, chunk_count, blake3: bytes) -> None:
+    def record(self, device_id, dataset, snapshot, node_id, size, chunk_count, blake3: bytes) -> float:
+        """Write the row; returns its `committed_at` (wall-clock seconds)."""
+        committed_at = time.time()
         self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (device_id, dataset, snapshot, node_id, size, chunk_count, blake3, time.time()))
+                        (device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at))
+        return committed_at
+
+    def last_commits(self) -> list[tuple[str, str, float]]:
+        """(device, dataset, newest committed_at) of every dataset with a commit."""
+        return list(self.db.execute("SELECT device_id, dataset, MAX(committed_at) FROM snapshots "
+                                    "GROUP BY device_id, dataset"))
 
     def list(self, device_id: str | None = None) -> list[dict]:
         query, args = f"SELECT {COLUMNS} FROM snapshots", ()

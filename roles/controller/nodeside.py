@@ -106,7 +106,7 @@ class NodeSide:
                                (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
                                 msg["chunk_count"], msg["image_blake3"])))
 
-    def recorded(self, tid: str, error) -> None:
+    def recorded(self, tid: str, error, committed_at: float | None = None) -> None:
         frames = self.committed_frames.pop(tid, None)
         t = self.transfers.get(tid)
         if t is None or t.state != "recording":
@@ -115,6 +115,9 @@ class NodeSide:
             self.catalog_failed(t, "COMMIT", error)
             return
         advance(t, "catalog", "recorded")  # final: committed, assigned by finish
+        self.snapshots_committed += 1
+        if committed_at is not None:
+            self.last_commits.record(t.device_id, t.dataset, committed_at)
         self.placement.placed(t.device_id, t.dataset, t.node_id)
         t.bytes_done = t.image_size
         self.to_agent(t, frames=frames, name="COMMITTED")
