@@ -74,8 +74,11 @@ class PrometheusServer:
     def query(self, expr: str) -> list[tuple[dict, float]]:
         """An instant query: [(labels, value)] of the vector it returns (a scalar as one entry)."""
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            doc = json.load(reply)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                doc = json.load(reply)
+        except urllib.error.HTTPError as exc:  # 400: not valid PromQL; 422: cannot be evaluated
+            raise AssertionError(f"query {expr!r} refused: {exc.code} {exc.read().decode(errors='replace')}") from None
         if doc["status"] != "success":
             raise AssertionError(f"query {expr!r} failed: {doc}")
         data = doc["data"]

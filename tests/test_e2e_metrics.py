@@ -20,6 +20,7 @@ import pytest
 from roles.localprocs import free_ports
 from roles.sampleimages import MiB, generate_image
 from tests.promserver import PrometheusServer, why_unavailable
+from tests.test_unit_metrics import dashboard_exprs
 
 DEVICE = "office-1"
 DATASETS = ("fileserver", "sql")
@@ -116,3 +117,12 @@ def test_prometheus_scrapes_every_role_and_the_values_match_what_happened(cluste
         first_commit["sql"]
     wait_until('speedsync_agent_dataset_behind_snapshots{dataset="fileserver"}', lambda v: v == 0,
                "the agent caught up again")
+    # every query of the shipped Grafana dashboard is valid PromQL, and the fleet's panels have data
+    variables = {"$rpo_seconds": "900", "$top_datasets": "20", "$job": ".*"}
+    for expr in dashboard_exprs():
+        for name, value in variables.items():
+            expr = expr.replace(name, value)
+        prometheus.query(expr)  # raises unless Prometheus accepts it
+    for expr in ('speedsync_devices{state="connected"}', "speedsync_node_free_bytes", "speedsync_transfers",
+                 f"topk(20, {lag})"):
+        assert prometheus.query(expr), f"the dashboard's {expr} has no data"

@@ -5,8 +5,11 @@ what the cores counted. Also: the last-commit index costs what changed, and
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -148,3 +151,25 @@ def test_a_port_in_use_is_an_error_naming_the_key():
 
 def test_metrics_never_reach_zmq():
     assert "zmq" not in {name.split(".")[0] for name in closure("roles.metrics")}
+
+
+DASHBOARD = Path(__file__).parent.parent / "configs" / "grafana" / "speedsync.json"
+
+
+def dashboard_exprs() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in doc["panels"] for t in p.get("targets", ())]
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_roles_export():
+    exported = set()
+    for publisher in (metrics.BrokerMetrics("127.0.0.1:1", None), metrics.StorageMetrics("127.0.0.1:1", None),
+                      metrics.AgentMetrics("127.0.0.1:1", None)):
+        for family in publisher.registry.collect():
+            exported.add(family.name + ("_total" if family.type == "counter" else ""))
+    asked = {name for expr in dashboard_exprs() for name in re.findall(r"\b(?:speedsync|process)_[a-z_]+", expr)}
+    assert asked and asked <= exported, sorted(asked - exported)
+    for required in ("speedsync_devices", "speedsync_dataset_last_commit_timestamp_seconds",
+                     "speedsync_received_bytes_total", "speedsync_errors_total", "speedsync_node_free_bytes",
+                     "speedsync_transfers"):
+        assert required in asked, required
