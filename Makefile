@@ -13,14 +13,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/speedsync demo
 
-# Debian packages the tests need (iproute2: the shaped-link tests' ip and tc), installed where missing
-# when run as root (as CI is); elsewhere a note, and those tests skip naming the reason.
+# Debian packages the tests need (iproute2: the shaped-link tests' ip and tc; prometheus: the metrics
+# test's real server, which runs its own instance), installed where missing when run as root (as CI is);
+# elsewhere a note, and those tests skip naming the reason.
 debian-deps:
 	@missing=$$(for p in $$(cat tests/requirements-debian.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	else echo "not installed: $$missing (the shaped-link tests need it and will skip)"; fi
+	else echo "not installed: $$missing (the tests that need it will skip)"; fi
 
 test: $(STAMP) debian-deps
 	$(PY) -m pytest -q

@@ -29,6 +29,7 @@ from roles.appliance.core import AgentCore
 from roles.appliance.progress import Progress
 from roles.config import AgentConfig
 from roles.endpoints import endpoint_chooser, link_faults
+from roles import metrics
 from roles.process import StopFlag, client_security
 from roles.statusclient import status_endpoint
 from schemas import decode, encode, make
@@ -58,6 +59,7 @@ class AgentProcess:
         status_sock = make_router(self.ctx, status_endpoint(config), mandatory=False)
         self.loop.add_socket("status", status_sock, self._from, routed=True, burst=64)
         self.progress = Progress()
+        self.metrics = metrics.start(metrics.AgentMetrics, config.metrics_listen, self.core)
         self.unanswered_since: float | None = t  # no WELCOME since then
         self.gave_up = False
         self.signals: StopFlag | None = None
@@ -96,6 +98,7 @@ class AgentProcess:
             self.gave_up = True
         if self.progress.enabled:
             self.progress.show(now, self.core.progress_rows(now))
+        self.metrics.tick(now)
         return effects
 
     def _reload(self, now: float) -> list:
@@ -125,6 +128,7 @@ class AgentProcess:
         try:
             self.loop.run(self, self.core, self._on_turn)
         finally:
+            self.metrics.close()
             self.link.close(bye=make("BYE"))
             self.loop.close()
             self.work.close()

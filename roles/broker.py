@@ -23,6 +23,7 @@ from bus.sockets import make_router
 from roles.config import BrokerConfig
 from roles.controller.catalog import CatalogIndex, CatalogStore
 from roles.controller.core import Controller
+from roles import metrics
 from roles.process import StopFlag, tune_malloc
 from schemas import decode, encode
 
@@ -60,6 +61,7 @@ class BrokerProcess:
             self.loop.add_socket(side, make_router(self.ctx, bind, secure=secure[domain]), self.on_frames,
                                  routed=True)
         self.loop.add_pool("catalog", self.catalog_pool, self.controller.completed)
+        self.metrics = metrics.start(metrics.BrokerMetrics, config.metrics_listen, self.controller, self.figures)
 
     def on_frames(self, peer, frames, now: float) -> list:
         try:
@@ -76,8 +78,11 @@ class BrokerProcess:
         logger.info("broker up: agents {}, nodes {}, status {}", self.config.frontend_bind,
                     self.config.backend_bind, self.config.status_bind)
         try:
-            self.loop.run(stop, self.controller)
+            now = self.loop.clock.now()
+            self.loop.execute(self.controller.started(now), now)
+            self.loop.run(stop, self.controller, self.metrics.tick)
         finally:
+            self.metrics.close()
             self.loop.close()
             self.catalog_pool.close()  # waits for catalog work in progress: a commit is never cut short
             self.store.close()

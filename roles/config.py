@@ -52,6 +52,7 @@ class BrokerConfig:
     transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024)
     finished_transfers_kept: int = _kind("int", 200, min=0)
     stall_timeout_ms: int = _kind("int", 60000, min=100)
+    metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 
@@ -71,6 +72,7 @@ class StorageConfig:
     fault_write_rate: int | None = _kind("rate", None)
     fault_fail_at_write: int = _kind("int", 0, min=0)
     fault_disk_capacity: int | None = _kind("optional_size", None)
+    metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 
@@ -114,6 +116,7 @@ class AgentConfig:
     fault_seed: int = _kind("int", 0)
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     heartbeat_liveness: int = _kind("int", 3, min=1)
+    metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 
@@ -150,6 +153,8 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             if (not isinstance(value, list) or sorted(value) != sorted(ACTIONS)):
                 raise ValueError(f"expected an ordering of {', '.join(ACTIONS)}")
             parsed = tuple(value)
+        elif kind == "listen":
+            parsed = parse_listen(value)[2] if value else ""
         elif kind == "endpoint_or_empty":
             parsed = _endpoint(value) if value else ""
         elif kind == "fraction":
@@ -188,6 +193,20 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
         if "max" in meta and parsed > meta["max"]:
             raise _fail(path, key, f"{value!r} is above the maximum {meta['max']}")
     return parsed
+
+
+def parse_listen(value) -> tuple[str, int, str]:
+    """`host:port` (IPv6 as `[::1]:9560`) -> (host, port, the text as given); ValueError otherwise."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected host:port like 127.0.0.1:9560, got {value!r}")
+    host, _, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (not host or "/" in host or (":" in host and not bracketed) or not port.isdigit()
+            or not 0 < int(port) < 65536):
+        raise ValueError(f"expected host:port like 127.0.0.1:9560, got {value!r}")
+    return host, int(port), value
 
 
 def _endpoint(value) -> str:

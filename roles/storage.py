@@ -20,6 +20,7 @@ from bus.loop import Loop
 from bus.pipeline import TaskPool
 from roles.config import StorageConfig
 from roles.durable import remove_temp_files
+from roles import metrics
 from roles.process import StopFlag, client_security
 from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.core import StorageCore
@@ -45,7 +46,8 @@ class StorageProcess:
         interval_s = config.heartbeat_interval_ms / 1000
         # before the loop runs: the first READY carries real figures, later ones the pool's
         self.core = StorageCore(config.node_id, config.window, chunks, manifests, owners,
-                                heartbeat_interval_s=interval_s, space=chunks.space(), now=self.clock.now())
+                                heartbeat_interval_s=interval_s, space=chunks.space(), now=self.clock.now(),
+                                chunks_on_disk=chunks.count())
         self.pools = {"store": TaskPool(config.store_threads, name="store"),
                       "image": TaskPool(1, name="image")}  # whole-image hashes, strictly in order
         self.ctx = zmq.Context()
@@ -53,6 +55,7 @@ class StorageProcess:
                                self.core.heartbeat_message, interval_s, config.heartbeat_liveness,
                                secure=client_security(config))
         self.loop = Loop(self.clock, encode)
+        self.metrics = metrics.start(metrics.StorageMetrics, config.metrics_listen, self.core)
 
     def on_frames(self, peer, frames, now: float) -> list:
         try:
@@ -70,8 +73,9 @@ class StorageProcess:
         self.link.connect(self.clock.now())
         self.loop.add_link("broker", self.link, self.on_frames, self.on_link)
         try:
-            self.loop.run(stop, self.core)
+            self.loop.run(stop, self.core, self.metrics.tick)
         finally:
+            self.metrics.close()
             self.core.close()
             for pool in self.pools.values():
                 pool.close()

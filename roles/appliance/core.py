@@ -63,6 +63,8 @@ class AgentStatistics:
     window: int
     sent_total: int
     malformed: int
+    commits: int = 0  # snapshots the cloud committed, this run
+    rate: int | None = None  # the bandwidth limit in force, bytes/s (None: unlimited)
 
 
 class AgentCore(BrokerReplies):
@@ -96,6 +98,7 @@ class AgentCore(BrokerReplies):
         self.heartbeat_interval_s: float | None = None  # the broker's, from WELCOME
         self.idle_heartbeat_interval_s: float | None = None  # with no upload in progress
         self.malformed_count = 0
+        self.commits = 0
         self.resuming = interrupted_uploads(self.journal)
         self.scanned_once = False
         self._outbox: list = []
@@ -297,7 +300,19 @@ class AgentCore(BrokerReplies):
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(self.welcomed, len(self.active), len(self.queue), self.wire.in_flight,
-                               self.wire.window, self.wire.sent_total, self.malformed_count)
+                               self.wire.window, self.wire.sent_total, self.malformed_count, self.commits,
+                               self.rate)
+
+    def behind_snapshots(self) -> dict[str, int]:
+        """Per configured dataset, the snapshots queued or uploading (status' `behind_snapshots`)."""
+        behind = {ds.name: 0 for ds in self.config.datasets}
+        for pending in itertools.chain(self.queue, (u.pending for u in self.active.values())):
+            behind[pending.dataset.name] = behind.get(pending.dataset.name, 0) + 1
+        return behind
+
+    def last_commit_times(self) -> dict[str, float]:
+        """Per dataset, the wall-clock time of its newest commit, from the journal."""
+        return self.journal.last_commit_times()
 
     @property
     def link_interval_s(self) -> float | None:
@@ -351,6 +366,8 @@ class AgentCore(BrokerReplies):
         after = self.outcomes.settle(key, upload.summary(), upload.state, upload.reason,
                                      os.path.exists(upload.pending.path), now)
         record_settled(after, upload, self.journal, self.names, self.resuming, self.outcomes, now)
+        if after.action == "done":
+            self.commits += 1
         if after.action == "retry":
             self.queue.appendleft(upload.pending)
             self.deadlines.schedule(("retry", key), after.at)  # only to wake when it may start

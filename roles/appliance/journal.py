@@ -61,6 +61,10 @@ class Journal:
                               "ORDER BY snapshot DESC LIMIT 1", (dataset, snapshot)).fetchone()
         return row[0] if row else None
 
+    def last_commit_times(self) -> dict[str, float]:
+        """dataset -> committed_at (wall-clock seconds) of its newest commit."""
+        return dict(self.db.execute("SELECT dataset, MAX(committed_at) FROM committed GROUP BY dataset"))
+
     def datasets_with_commits(self) -> set:
         return {r[0] for r in self.db.execute("SELECT DISTINCT dataset FROM committed")}
 

@@ -185,6 +185,7 @@ class AgentSide:
         wire_len = len(msg.payload[0])
         t.ledger.spend(msg["hash"], wire_len, msg["raw_len"], msg.get("offset"), msg.get("total"))
         t.bytes_sent += wire_len
+        self.received_bytes += wire_len
         self.forward(node, frames, msg.t)
 
     def agent_COMMIT(self, session, msg, frames) -> None:

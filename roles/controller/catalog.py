@@ -71,8 +71,9 @@ class CatalogStore:
                               (device_id, dataset, snapshot)).fetchone()
         return _row(row) if row else None
 
-    def record_many(self, rows: list) -> None:
-        """Group commit: every row in one transaction, so one fsync covers them all."""
+    def record_many(self, rows: list) -> float:
+        """Group commit: every row in one transaction, so one fsync covers them all.
+        Returns their `committed_at` (wall-clock seconds)."""
         committed_at = time.time()
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -83,6 +84,12 @@ class CatalogStore:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+        return committed_at
+
+    def last_commits(self) -> list[tuple[str, str, float]]:
+        """(device, dataset, newest committed_at) of every dataset with a commit."""
+        return list(self.db.execute("SELECT device_id, dataset, MAX(committed_at) FROM snapshots "
+                                    "GROUP BY device_id, dataset"))
 
     def list(self, device_id: str | None = None) -> list[dict]:
         query, args = f"SELECT {COLUMNS} FROM snapshots", ()

@@ -25,6 +25,7 @@ from bus.errors import RequestError
 from roles.controller import status as status_doc
 from roles.controller.credit import CreditScheduler
 from roles.controller.history import History
+from roles.controller.lastcommit import LastCommits
 from roles.controller.agentside import AgentSide
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
@@ -56,6 +57,10 @@ class ControllerStatistics:
     finished: int
     deadlines: int
     errors: int
+    devices_connected: int = 0
+    nodes_lost: int = 0
+    snapshots_committed: int = 0  # catalog rows written (the agent was told after each)
+    received_bytes: int = 0  # CHUNK payload bytes accepted from agents (as they travelled)
 
 
 class Controller(AgentSide, NodeSide):
@@ -77,6 +82,10 @@ class Controller(AgentSide, NodeSide):
         self.stalls = Deadlines()
         self.stall_s = config.stall_timeout_ms / 1000
         self.errors_by_code: Counter = Counter()
+        self.finished_by_state: Counter = Counter()  # transfers ended, by final state
+        self.snapshots_committed = 0
+        self.received_bytes = 0
+        self.last_commits = LastCommits()
         self.committed_frames: dict[str, list] = {}  # COMMITTED waiting for its catalog row
         self.rows_waiting: dict[str, tuple] = {}  # transfer id -> catalog row, for the next batch
         self.batch_in_flight: tuple = ()  # transfer ids whose rows the catalog is writing
@@ -110,6 +119,10 @@ class Controller(AgentSide, NodeSide):
         self.reply_error(peer, exc)
         return self.out
 
+    def started(self, now: float) -> list:
+        """Once, before the first message: load each dataset's newest commit (for metrics) off the loop."""
+        return [Submit("catalog", ("last_commits",), self.store.last_commits, ())]
+
     def completed(self, key, result, error, now: float) -> list:
         self.now, self.out = now, []
         kind = key[0]
@@ -118,9 +131,14 @@ class Controller(AgentSide, NodeSide):
         elif kind == "restore":
             self.restore_found(key[1], result, error)
         elif kind == "records":
-            self.batch_recorded(key[1], error)
+            self.batch_recorded(key[1], error, committed_at=result)
         elif kind == "list":
             self.listed(key[1], result, error)
+        elif kind == "last_commits":
+            if error is not None:
+                logger.error("catalog: newest commit per dataset unknown: {}", error)
+            else:
+                self.last_commits.merge(result)
         return self.out
 
     def on_time(self, now: float) -> list:
@@ -152,7 +170,19 @@ class Controller(AgentSide, NodeSide):
                                     len(self.registry.nodes), len(self.transfers), len(self.history.parked),
                                     len(self.history.finished),
                                     len(self.registry.deadlines) + len(self.stalls),
-                                    sum(self.errors_by_code.values()))
+                                    sum(self.errors_by_code.values()), len(self.registry.sessions_per_device),
+                                    len(self.registry.lost_nodes), self.snapshots_committed, self.received_bytes)
+
+    def transfers_by_state(self) -> Counter:
+        """Transfers in progress by state, and offers parked: O(transfers in progress)."""
+        counts = Counter(t.state for t in self.transfers.values())
+        counts["parked"] += len(self.history.parked)
+        return counts
+
+    def node_figures(self) -> list[tuple[str, bool, int, int]]:
+        """(node_id, alive, free_bytes, used_bytes) of every node known, alive or lost."""
+        return [(n.node_id, n.alive, n.free_bytes, n.used_bytes)
+                for nodes in (self.registry.nodes_by_id, self.registry.lost_nodes) for n in nodes.values()]
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -223,6 +253,7 @@ class Controller(AgentSide, NodeSide):
         released = t.ledger.release_all()
         was = t.state
         finish(t, state, reason, self.now)
+        self.finished_by_state[state] += 1
         self.transfers.pop(t.transfer_id, None)
         self.stalls.cancel(t.transfer_id)
         if self.uploads_by_key.get(t.key) is t:

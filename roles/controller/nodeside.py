@@ -116,13 +116,13 @@ class NodeSide:
         self.out.append(Submit("catalog", ("records", self.batch_in_flight), self.store.record_many,
                                (list(batch.values()),)))
 
-    def batch_recorded(self, tids: tuple, error) -> None:
+    def batch_recorded(self, tids: tuple, error, committed_at: float | None = None) -> None:
         self.batch_in_flight = ()
         for tid in tids:
-            self.recorded(tid, error)
+            self.recorded(tid, error, committed_at)
         self.flush_records()
 
-    def recorded(self, tid: str, error) -> None:
+    def recorded(self, tid: str, error, committed_at: float | None = None) -> None:
         frames = self.committed_frames.pop(tid, None)
         t = self.transfers.get(tid)
         if t is None or t.state != "recording":
@@ -131,6 +131,9 @@ class NodeSide:
             self.catalog_failed(t, "COMMIT", error)
             return
         advance(t, "catalog", "recorded")  # final: committed, assigned by finish
+        self.snapshots_committed += 1
+        if committed_at is not None:
+            self.last_commits.record(t.device_id, t.dataset, committed_at)
         self.placement.placed(t.device_id, t.dataset, t.node_id)
         t.bytes_done = t.image_size
         self.to_agent(t, frames=frames, name="COMMITTED")

@@ -36,13 +36,23 @@ class ChunkStore:
         Runs on a store thread. Raises RequestError(bad_chunk) when the bytes
         do not match the name: nothing is written then.
         """
+        return self.store(name, raw_len, codec, payload)[0]
+
+    def store(self, name: bytes, raw_len: int, codec: str, payload) -> tuple[bytes, int]:
+        """`put`, and how many payload bytes it wrote: 0 if the chunk was already stored."""
         raw = decode_and_verify(codec, payload, raw_len, name)
         path = self.path_for(name)
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            header = pack_chunk_header(codec, raw_len)
-            write_durable(path, [header, payload], self.write_hook)
-        return raw
+        if path.exists():
+            return raw, 0
+        path.parent.mkdir(exist_ok=True)
+        header = pack_chunk_header(codec, raw_len)
+        write_durable(path, [header, payload], self.write_hook)
+        return raw, len(payload)
+
+    def count(self) -> int:
+        """Chunk files on disk (a walk of the store: at start, before the loop runs)."""
+        return sum(1 for sub in self.root.iterdir() if sub.is_dir()
+                   for entry in os.scandir(sub) if entry.is_file() and len(entry.name) == 64)
 
     def read_stored(self, name: bytes) -> tuple[str, int, bytes]:
         """(codec, raw_len, payload) as stored; RequestError(not_found/storage_error)."""

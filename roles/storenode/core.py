@@ -61,6 +61,8 @@ class StorageStatistics:
     errors_sent: int
     free_bytes: int
     used_bytes: int
+    chunks_on_disk: int = 0  # chunk files: those at start plus those written since
+    stored_bytes: int = 0  # payload bytes written to new chunk files (as they travelled)
 
 
 def absent_chunks(chunks, names: tuple) -> frozenset:
@@ -70,7 +72,7 @@ def absent_chunks(chunks, names: tuple) -> frozenset:
 
 class StorageCore(CommitPath):
     def __init__(self, node_id: str, window: int, chunks, manifests, owners, *, heartbeat_interval_s: float,
-                 space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S):
+                 space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S, chunks_on_disk: int = 0):
         self.node_id = node_id
         self.window = window
         self.chunks = chunks
@@ -92,6 +94,7 @@ class StorageCore(CommitPath):
         self.errors_sent = 0
         self.chunks_stored = 0
         self.commits = 0
+        self.chunks_on_disk, self.stored_bytes = chunks_on_disk, 0
         self._handlers = {t: getattr(self, name) for t, name in DISPATCH["broker"].items()}
         self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
@@ -182,7 +185,7 @@ class StorageCore(CommitPath):
         names, waiting = self.in_flight.statistics()
         return StorageStatistics(len(self.uploads), len(self.pump), self.store_pending, names, waiting,
                                  self.chunks_stored, self.commits, self.pump.blocks_sent, self.errors_sent,
-                                 *self.space)
+                                 *self.space, self.chunks_on_disk, self.stored_bytes)
 
     def close(self) -> None:
         self.owners.close()
@@ -320,7 +323,7 @@ class StorageCore(CommitPath):
                                      msg.payload[0])
         if payload is None:
             return  # more pieces to come
-        self._store(out, ("chunk", session.transfer_id, name, raw_len, len(payload)), self.chunks.put, name,
+        self._store(out, ("chunk", session.transfer_id, name, raw_len, len(payload)), self.chunks.store, name,
                     raw_len, msg["codec"], payload)
 
     def _chunk_stored(self, key, result, error, now: float, out: list) -> None:
@@ -331,7 +334,11 @@ class StorageCore(CommitPath):
                 error = RequestError(f"store failed: {describe(error)}", "storage_error")
             self._error(out, error, "CHUNK", transfer_id=tid, hash=name)
             return
+        result, written = result
         self.chunks_stored += 1
+        if written:
+            self.chunks_on_disk += 1
+            self.stored_bytes += written
         session = self.uploads.get(tid)
         if session is not None:
             self.owners.add(session.device_id, name)
