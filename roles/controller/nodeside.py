@@ -106,7 +106,7 @@ class NodeSide:
                                (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
                                 msg["chunk_count"], msg["image_blake3"])))
 
-    def recorded(self, tid: str, error) -> None:
+    def recorded(self, tid: str, committed_at, error) -> None:
         frames = self.committed_frames.pop(tid, None)
         t = self.transfers.get(tid)
         if t is None or t.state != "recording":
@@ -116,6 +116,7 @@ class NodeSide:
             return
         advance(t, "catalog", "recorded")  # final: committed, assigned by finish
         self.placement.placed(t.device_id, t.dataset, t.node_id)
+        self.index.committed(t.device_id, t.dataset, committed_at)
         t.bytes_done = t.image_size
         self.to_agent(t, frames=frames, name="COMMITTED")
         self.finish(t, "committed")
