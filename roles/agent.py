@@ -26,7 +26,7 @@ from bus.pipeline import TaskPool
 from bus.sockets import make_router
 from roles import config as cfg
 from roles.appliance.core import AgentCore
-from roles.appliance.progress import Progress
+from roles.render import Progress
 from roles.config import AgentConfig
 from roles.endpoints import endpoint_chooser, link_faults
 from roles.process import StopFlag, client_security
