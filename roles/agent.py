@@ -125,6 +125,7 @@ class AgentProcess:
         try:
             self.loop.run(self, self.core, self._on_turn)
         finally:
+            self.progress.done()  # the terminal gets its cursor back
             self.link.close(bye=make("BYE"))
             self.loop.close()
             self.work.close()

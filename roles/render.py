@@ -214,7 +214,7 @@ class Progress:
             return
         self._now, self._last = now, now
         if self._bars is None:
-            self._bars = RichProgress(TextColumn("{task.description:<32}"), BarColumn(), TextColumn(
+            self._bars = RichProgress(TextColumn("{task.description:<32}"), BarColumn(bar_width=20), TextColumn(
                 "{task.percentage:>5.1f}%"), DownloadColumn(binary_units=True), TransferSpeedColumn(),
                 TimeRemainingColumn(), console=self.console, auto_refresh=False, get_time=lambda: self._now,
                 redirect_stdout=False, redirect_stderr=False)
