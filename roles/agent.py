@@ -26,7 +26,7 @@ from bus.pipeline import TaskPool
 from bus.sockets import make_router
 from roles import config as cfg
 from roles.appliance.core import AgentCore
-from roles.appliance.progress import Progress
+from roles.render import Progress
 from roles.config import AgentConfig
 from roles.endpoints import endpoint_chooser, link_faults
 from roles import metrics
@@ -129,6 +129,7 @@ class AgentProcess:
             self.loop.run(self, self.core, self._on_turn)
         finally:
             self.metrics.close()
+            self.progress.done()  # the terminal gets its cursor back
             self.link.close(bye=make("BYE"))
             self.loop.close()
             self.work.close()

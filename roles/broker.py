@@ -10,6 +10,7 @@ effects (ROLES.md).
 from __future__ import annotations
 
 import os
+import time
 
 import zmq
 from loguru import logger
@@ -53,9 +54,10 @@ class BrokerProcess:
                                                           "operators": config.operator_keys})
             secure = {domain: (lambda sock, d=domain: security.make_server(sock, ours, d)) for domain in secure}
         self.loop = Loop(MonotonicClock(), encode)
-        self.controller = Controller(config, self.store, CatalogIndex(self.store.placements()),
+        index = CatalogIndex(self.store.placements(), self.store.newest_commits())  # before the loop starts
+        self.controller = Controller(config, self.store, index,
                                      identify=lambda frames: security.peer_identity(frames[0]),
-                                     process_figures=self.figures)
+                                     process_figures=self.figures, wall_clock=time.time)
         for side, bind, domain in (("agent", config.frontend_bind, "devices"), ("node", config.backend_bind, "nodes"),
                                    ("status", config.status_bind, "operators")):
             self.loop.add_socket(side, make_router(self.ctx, bind, secure=secure[domain]), self.on_frames,
@@ -78,8 +80,6 @@ class BrokerProcess:
         logger.info("broker up: agents {}, nodes {}, status {}", self.config.frontend_bind,
                     self.config.backend_bind, self.config.status_bind)
         try:
-            now = self.loop.clock.now()
-            self.loop.execute(self.controller.started(now), now)
             self.loop.run(stop, self.controller, self.metrics.tick)
         finally:
             self.metrics.close()

@@ -40,8 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--timeout-ms", type=int, default=5000)
         s.add_argument("--key-file", help="the operator's key pair (NAME.key_secret), when the broker uses CURVE")
         s.add_argument("--broker-key", help="the broker's public key (broker.key), when the broker uses CURVE")
+        s.add_argument("--device", help="only this device's " + ("agents and transfers (the summary stays global)"
+                                                                 if name == "status" else "snapshots"))
         if name == "list":
-            s.add_argument("--device")
+            s.add_argument("--dataset", help="only this dataset's snapshots")
+        else:
+            s.add_argument("--watch", action="store_true", help="redraw the status until Ctrl-C")
+            s.add_argument("--interval", type=float, default=2.0, help="with --watch: seconds between redraws")
     r = sub.add_parser("restore", help="rebuild an image from the cloud, verified")
     r.add_argument("--config", required=True, help="the agent's config (device identity, brokers)")
     r.add_argument("--dataset", required=True)
@@ -98,6 +103,15 @@ def _scrub(conf, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _print(doc, as_json: bool, view) -> None:
+    """JSON, or the document's tables (rich on a terminal, plain text otherwise)."""
+    if as_json:
+        print(json.dumps(doc))
+    else:
+        from roles import render
+        render.show(view(doc))
+
+
 def _run(args) -> int:
     if args.command == "broker":
         from roles.broker import run_broker
@@ -120,9 +134,9 @@ def _run(args) -> int:
         setup_logging(conf.log_level, conf.log_json, conf.device_id)
         if args.status:
             from roles.statusclient import query_agent_status
-            from roles.appliance.render import render_agent_status
+            from roles import render
             doc = query_agent_status(conf)
-            print(json.dumps(doc) if args.json else render_agent_status(doc))
+            _print(doc, args.json, render.agent_view)
             return EXIT_OK
         return run_agent(conf, once=args.once, as_json=args.json, config_path=args.config)
     if args.command in ("status", "list"):
@@ -133,12 +147,20 @@ def _run(args) -> int:
                 print("speedsync: --key-file and --broker-key go together", file=sys.stderr)
                 return EXIT_USAGE
             keys = statusclient.OperatorKeys(args.key_file, args.broker_key)
+        from roles import render
         if args.command == "status":
-            doc = statusclient.fetch_status(args.broker, args.timeout_ms, keys)
-            print(json.dumps(doc) if args.json else statusclient.render_status(doc))
+            def fetch():
+                return statusclient.fetch_status(args.broker, args.timeout_ms, keys, args.device)
+            if args.watch:
+                if args.json or args.interval <= 0:
+                    print("speedsync status: --watch takes no --json, and --interval > 0", file=sys.stderr)
+                    return EXIT_USAGE
+                return render.watch(fetch, args.broker, args.interval)
+            doc = fetch()
+            _print(doc, args.json, render.status_view)
         else:
-            doc = statusclient.fetch_list(args.broker, args.device, args.timeout_ms, keys)
-            print(json.dumps(doc) if args.json else statusclient.render_list(doc))
+            doc = statusclient.fetch_list(args.broker, args.device, args.timeout_ms, keys, args.dataset)
+            _print(doc, args.json, render.list_view)
         return EXIT_OK
     if args.command == "restore":
         from roles.restore import restore

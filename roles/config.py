@@ -2,8 +2,8 @@
 
 Every key has a default on its field; an unknown key, a wrong type or a bad
 unit raises ConfigError naming the key and the file (the CLI exits 2).
-Field metadata `kind` says how a value is parsed: size, rate, id, endpoint,
-path, or the field's own type.
+Field metadata `kind` says how a value is parsed: size, rate, duration
+(seconds), id, endpoint, path, or the field's own type.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from roles.appliance.schedule import parse_limit, parse_window
-from roles.units import parse_rate, parse_size
+from roles.units import parse_duration, parse_rate, parse_size
 
 ACTIONS = ("resume", "incremental", "full", "verify")
 from schemas import is_valid_id
@@ -53,6 +53,8 @@ class BrokerConfig:
     finished_transfers_kept: int = _kind("int", 200, min=0)
     stall_timeout_ms: int = _kind("int", 60000, min=100)
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
+    rpo_target: float = _kind("duration", 900.0, min=1)  # seconds: older newest commit = behind (status summary)
+    list_page_size: int = _kind("int", 1000, min=1, max=10000)  # catalog rows per LIST_REPLY
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 
@@ -132,6 +134,8 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             parsed = parse_size(value)
         elif kind == "rate":
             parsed = parse_rate(value)
+        elif kind == "duration":
+            parsed = parse_duration(value)
         elif kind == "optional_size":
             parsed = None if value is None or str(value).strip().lower() == "none" else parse_size(value)
         elif kind == "bool":
@@ -187,7 +191,7 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             raise ValueError(f"undeclared kind {kind}")
     except ValueError as exc:
         raise _fail(path, key, str(exc)) from None
-    if isinstance(parsed, int) and not isinstance(parsed, bool):
+    if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
         if "min" in meta and parsed < meta["min"]:
             raise _fail(path, key, f"{value!r} is below the minimum {meta['min']}")
         if "max" in meta and parsed > meta["max"]:

@@ -21,6 +21,7 @@ from roles.sampleimages import file_blake3, generate_image, mutate_chunks
 from roles.localprocs import ProcessGroup, free_ports, wait_for
 from bus.security import create_keypair
 from roles import statusclient
+from roles.render import render_list
 from roles.units import format_bytes, parse_size
 
 APPLIANCES = {
@@ -153,7 +154,7 @@ def run_demo(workdir: str | None, size_text: str) -> int:
             return 1
         _say(f"replicated {len(originals)} snapshots in {time.monotonic() - started:.1f}s")
         catalog = statusclient.fetch_list(endpoints["status"], keys=endpoints["keys"])
-        _say(statusclient.render_list(catalog))
+        _say(render_list(catalog))
         _say("restoring every snapshot from the cloud and comparing blake3...")
         bad = 0
         for (device, dataset, snap), original in sorted(originals.items()):

@@ -1,5 +1,5 @@
-"""Client side of the status sockets: the broker's STATUS and LIST, and their
-rendering; the running agent's own (`speedsync agent --status`)."""
+"""Client side of the status sockets: the broker's STATUS and LIST (paged), and
+the running agent's own (`speedsync agent --status`). Rendering: roles/render.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from bus import security
 from bus.errors import RemoteProtocolError, RequestError
 from schemas import decode, encode, make
 from roles.config import AgentConfig
-from roles.tables import table
-from roles.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -45,47 +43,28 @@ def ask(endpoint: str, message, timeout_ms: int = 5000, keys: OperatorKeys | Non
     return reply
 
 
-def fetch_status(endpoint: str, timeout_ms: int = 5000, keys: OperatorKeys | None = None) -> dict:
-    return ask(endpoint, make("STATUS"), timeout_ms, keys)["status"]
+def fetch_status(endpoint: str, timeout_ms: int = 5000, keys: OperatorKeys | None = None,
+                 device_id: str | None = None) -> dict:
+    """The broker's status document; `device_id` narrows agents and transfers to one device."""
+    fields = {"device_id": device_id} if device_id else {}
+    return ask(endpoint, make("STATUS", **fields), timeout_ms, keys)["status"]
 
 
 def fetch_list(endpoint: str, device_id: str | None = None, timeout_ms: int = 5000,
-               keys: OperatorKeys | None = None) -> list:
-    fields = {"device_id": device_id} if device_id else {}
-    return ask(endpoint, make("LIST", **fields), timeout_ms, keys)["snapshots"]
-
-
-def render_status(status: dict) -> str:
-    b = status["broker"]
-    parts = [
-        f"broker: rss {format_bytes(b['rss_bytes'])}, dropped {b['dropped_messages']}, "
-        f"errors {b['errors_by_code'] or 'none'}",
-        "",
-        "storage nodes:",
-        table(["node", "alive", "free", "used", "load", "credit out/window"],
-               [[n["node_id"], "yes" if n["alive"] else "NO", format_bytes(n["free_bytes"]),
-                 format_bytes(n["used_bytes"]), n.get("load", 0),
-                 f"{format_bytes(n['credit']['outstanding'])}/{format_bytes(n['credit']['window'])}"]
-                for n in status["storage"]]),
-        "",
-        "agents:",
-        table(["device", "connected"], [[a["device_id"], "yes" if a["connected"] else "no"]
-                                          for a in status["agents"]]),
-        "",
-        "transfers:",
-        table(["transfer", "device", "dataset", "snapshot", "node", "state", "done/total", "sent"],
-               [[t["transfer_id"], t["device_id"], t["dataset"], t["snapshot"], t["node_id"],
-                 t["state"] + (f" ({t['reason']})" if t.get("reason") else ""),
-                 f"{format_bytes(t['bytes_done'])}/{format_bytes(t['bytes_total'])}", format_bytes(t["bytes_sent"])]
-                for t in status["transfers"]]),
-    ]
-    return "\n".join(parts)
-
-
-def render_list(snapshots: list) -> str:
-    return table(["device", "dataset", "snapshot", "node", "size", "blake3"],
-                  [[s["device_id"], s["dataset"], s["snapshot"], s["node_id"], format_bytes(s["size"]),
-                    s["blake3"][:16]] for s in snapshots])
+               keys: OperatorKeys | None = None, dataset: str | None = None) -> list:
+    """The whole catalog (of one device, one dataset), asked a page at a time: each LIST_REPLY
+    says where the next page starts, until one says nothing."""
+    fields = {k: v for k, v in (("device_id", device_id), ("dataset", dataset)) if v}
+    rows: list = []
+    after = None
+    while True:
+        reply = ask(endpoint, make("LIST", **fields, **({"after": after} if after else {})), timeout_ms, keys)
+        rows += reply["snapshots"]
+        previous, after = after, reply.get("next")
+        if not after:
+            return rows
+        if previous is not None and tuple(after) <= tuple(previous):
+            raise RequestError(f"{endpoint} paged backwards ({previous} then {after})", "internal")
 
 
 def status_endpoint(config: AgentConfig) -> str:

@@ -58,6 +58,7 @@ def _t(name, senders, receivers, purpose, fields=None, payload=(0, 0), max_heade
 
 
 TRANSFER = {"transfer_id": Id()}
+CATALOG_KEY = ListOf(item=Id(), max_items=3, required=False)  # (device_id, dataset, snapshot): a LIST page's key
 
 _DECLARED = [
     _t("HELLO", "agent", "broker", "register a device session (identity from its key under CURVE)",
@@ -129,14 +130,18 @@ _DECLARED = [
     _t("ERROR", "agent broker node", "agent broker node operator", "a refusal with a stable code and a human reason",
        {"code": Str(max_len=32), "reason": Str(max_len=1024), "ref": Str(max_len=32, required=False),
         "transfer_id": Id(required=False), "req": Int(required=False), "hash": Bin(size=32, max_len=32, required=False)}),
-    _t("STATUS", "operator", "broker agent", "ask for a status document (the broker's, or an agent's own)"),
+    _t("STATUS", "operator", "broker agent", "ask for a status document (the broker's, or an agent's own); "
+       "device_id narrows the broker's agents and transfers to one device",
+       {"device_id": Id(required=False)}),
     _t("STATUS_REPLY", "broker agent", "operator", "broker: agents, storage, transfers, counters; agent: queues, "
        "transfers, bandwidth",
        {"status": Doc()}, max_header=DOC_HEADER),
-    _t("LIST", "operator agent", "broker", "ask for the catalog of committed snapshots (an agent: its own only)",
-       {"device_id": Id(required=False)}),
-    _t("LIST_REPLY", "broker", "operator", "committed snapshots",
-       {"snapshots": Doc()}, max_header=DOC_HEADER),
+    _t("LIST", "operator agent", "broker", "ask for one page of the catalog of committed snapshots (an agent: its "
+       "own only), optionally of one device or dataset, after the key `after` (device_id, dataset, snapshot)",
+       {"device_id": Id(required=False), "dataset": Id(required=False), "after": CATALOG_KEY}),
+    _t("LIST_REPLY", "broker", "operator", "one page of committed snapshots in key order; `next`: the key to ask "
+       "after for the next page (absent on the last)",
+       {"snapshots": Doc(), "next": CATALOG_KEY}, max_header=DOC_HEADER),
 ]
 
 MESSAGES: dict[str, MessageType] = {m.name: m for m in _DECLARED}

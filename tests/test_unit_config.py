@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from roles import config as cfg
-from roles.units import parse_rate, parse_size
+from roles.units import parse_duration, parse_rate, parse_size
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 ROLE = {"broker.yaml": cfg.BrokerConfig, "storage.yaml": cfg.StorageConfig, "agent.yaml": cfg.AgentConfig}
@@ -48,6 +48,9 @@ def test_shipped_config_without_its_keys_names_the_missing_key(name, tmp_path):
     ("insecure: maybe\n", "insecure"),
     ("data_dir: 5\n", "data_dir"),
     ("frontend_bind: localhost\n", "frontend_bind"),
+    ("rpo_target: soon\n", "rpo_target"),
+    ("rpo_target: 0s\n", "rpo_target"),
+    ("list_page_size: 0\n", "list_page_size"),
 ])
 def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
     path = tmp_path / "broker.yaml"
@@ -95,3 +98,23 @@ def test_rates(text, expected):
 def test_bad_sizes(bad):
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+@pytest.mark.parametrize("text,expected", [("15m", 900.0), ("90s", 90.0), ("500ms", 0.5), ("7d", 604800.0),
+                                           ("1.5h", 5400.0), (30, 30.0)])
+def test_durations(text, expected):
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["soon", "-1m", "5 fortnights", True, -3])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_rpo_target_takes_a_duration(tmp_path):
+    path = tmp_path / "broker.yaml"
+    path.write_text("insecure: true\nrpo_target: 1h\n")
+    assert cfg.load(cfg.BrokerConfig, path).rpo_target == 3600.0
+    path.write_text("insecure: true\n")
+    assert cfg.load(cfg.BrokerConfig, path).rpo_target == 900.0

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from roles.appliance.bandwidth import Bandwidth
-from roles.appliance.render import render_agent_status
+from roles.render import render_agent_status
 from roles.appliance.schedule import YIELD, parse_window
 from roles.appliance.yielding import MIN_RATE, YieldController
 

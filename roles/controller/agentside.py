@@ -54,7 +54,7 @@ class AgentSide:
 
     def agent_LIST(self, session, msg, frames) -> None:
         self.require_own(session, msg)
-        self.out.append(Submit("catalog", ("list", session.peer), self.store.list, (session.device_id,)))
+        self.list_page(session.peer, session.device_id, msg)
 
     def agent_OFFER(self, session, msg, frames) -> None:
         self.require_own(session, msg)

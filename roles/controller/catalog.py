@@ -5,8 +5,14 @@ on the broker's loop:
 - `CatalogStore` owns the database and runs only on the "catalog" pool's one
   thread. The controller calls it through `Submit` effects; each result
   comes back as `completed()`.
-- `CatalogIndex` is the in-memory placement index the loop reads at once:
-  which node holds a dataset, and how many datasets each node holds.
+- `CatalogIndex` is the in-memory index the loop reads at once: which node
+  holds a dataset, how many datasets each node holds, and when each
+  dataset's newest snapshot was committed (None: placed, never committed),
+  which status's `datasets_behind` walks on request only.
+
+LIST is keyset-paginated: each call returns at most one page, in key
+order, and the key of its last row is where the next page starts (DESIGN.md
+"Fleet operations", no reply is unbounded).
 
 A snapshot is in the catalog only after its storage node committed it
 (verified, manifest durable), and the row is committed before the agent is
@@ -58,6 +64,11 @@ class CatalogStore:
             out[(device, dataset)] = node
         return [(d, s, n) for (d, s), n in out.items()]
 
+    def newest_commits(self) -> list[tuple]:
+        """(device, dataset, newest committed_at) of every dataset that has a committed snapshot."""
+        return list(self.db.execute(
+            "SELECT device_id, dataset, MAX(committed_at) FROM snapshots GROUP BY device_id, dataset"))
+
     def check_offer(self, device_id: str, dataset: str, snapshot: str, node_id: str | None) -> dict | None:
         """The snapshot's row if it is committed; else record the dataset's
         placement on `node_id` (durably, once) and return None."""
@@ -86,38 +97,67 @@ class CatalogStore:
             raise
         return committed_at
 
-    def last_commits(self) -> list[tuple[str, str, float]]:
-        """(device, dataset, newest committed_at) of every dataset with a commit."""
-        return list(self.db.execute("SELECT device_id, dataset, MAX(committed_at) FROM snapshots "
-                                    "GROUP BY device_id, dataset"))
-
-    def list(self, device_id: str | None = None) -> list[dict]:
-        query, args = f"SELECT {COLUMNS} FROM snapshots", ()
+    def list(self, device_id: str | None = None, dataset: str | None = None, after: tuple | None = None,
+             limit: int = 1000) -> tuple[list[dict], tuple | None]:
+        """One page: up to `limit` rows after the key `after` (device, dataset, snapshot), in key
+        order, and the key to ask after for the next page (None: this was the last)."""
+        where, args = [], []
         if device_id is not None:
-            query, args = query + " WHERE device_id=?", (device_id,)
-        query += " ORDER BY device_id, dataset, snapshot"
-        return [_row(r) for r in self.db.execute(query, args)]
+            where.append("device_id=?")
+            args.append(device_id)
+        if dataset is not None:
+            where.append("dataset=?")
+            args.append(dataset)
+        if after is not None:
+            where.append("(device_id, dataset, snapshot) > (?, ?, ?)")
+            args.extend(after)
+        query = f"SELECT {COLUMNS} FROM snapshots"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY device_id, dataset, snapshot LIMIT ?"
+        rows = [_row(r) for r in self.db.execute(query, (*args, limit + 1))]
+        if len(rows) <= limit:
+            return rows, None
+        last = rows[limit - 1]
+        return rows[:limit], (last["device_id"], last["dataset"], last["snapshot"])
 
     def close(self) -> None:
         self.db.close()
 
 
 class CatalogIndex:
-    """Placement in memory, on the loop: O(1) lookups and counts."""
+    """Placement and newest commits in memory, on the loop: O(1) lookups, counts and updates."""
 
-    def __init__(self, placements=()):
+    def __init__(self, placements=(), newest_commits=()):
         self._placement: dict[tuple, str] = {}
         self._datasets_per_node: Counter = Counter()
+        self.newest_commit: dict[tuple, float | None] = {}  # (device, dataset) -> committed_at or None
         for device, dataset, node in placements:
             self.place(device, dataset, node)
+        for device, dataset, committed_at in newest_commits:
+            self.committed(device, dataset, committed_at)
 
     def place(self, device_id: str, dataset: str, node_id: str) -> bool:
         """Record where a dataset lives (first placement wins); True if it was new."""
-        if (device_id, dataset) in self._placement:
+        key = (device_id, dataset)
+        if key in self._placement:
             return False
-        self._placement[(device_id, dataset)] = node_id
+        self._placement[key] = node_id
         self._datasets_per_node[node_id] += 1
+        self.newest_commit.setdefault(key, None)
         return True
+
+    def committed(self, device_id: str, dataset: str, committed_at: float) -> None:
+        key = (device_id, dataset)
+        newest = self.newest_commit.get(key)
+        if newest is None or committed_at > newest:
+            self.newest_commit[key] = committed_at
+
+    def behind(self, wall_now: float, rpo_s: float) -> list[tuple]:
+        """(device, dataset, newest committed_at or None) of every dataset older than the RPO.
+        Walks every dataset: for a status request, never on the per-message path."""
+        oldest_fresh = wall_now - rpo_s
+        return [(d, s, at) for (d, s), at in self.newest_commit.items() if at is None or at < oldest_fresh]
 
     def node_for(self, device_id: str, dataset: str) -> str | None:
         return self._placement.get((device_id, dataset))

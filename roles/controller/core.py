@@ -30,7 +30,7 @@ from roles.controller.agentside import AgentSide
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
 from roles.controller.registry import Registry
-from roles.controller.transfers import WATCHED_STATES, Transfer, finish
+from roles.controller.transfers import WATCHED_STATES, Transfer, count_in, finish
 from schemas import error_message, make
 
 REGISTER = {"agent": "HELLO", "node": "READY"}
@@ -64,14 +64,20 @@ class ControllerStatistics:
 
 
 class Controller(AgentSide, NodeSide):
-    def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict):
+    def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict,
+                 wall_clock=None):
         """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex.
         `identify(frames)`: the key name a connection authenticated with (None if insecure).
-        `process_figures()`: the driver's own counters for status (rss_bytes, dropped_messages)."""
+        `process_figures()`: the driver's own counters for status (rss_bytes, dropped_messages).
+        `wall_clock()`: seconds since the epoch, read for status only (which datasets are behind
+        the RPO); the driver passes time.time."""
         self.config = config
         self.store = store
+        self.index = index
         self.identify = identify
         self.process_figures = process_figures
+        self.wall_clock = wall_clock
+        self.live_by_state: Counter = Counter()  # live transfers by state, kept by transfers.py's moves
         self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness,
                                  config.idle_heartbeat_interval_ms / 1000)
         self.credit = CreditScheduler()
@@ -85,7 +91,9 @@ class Controller(AgentSide, NodeSide):
         self.finished_by_state: Counter = Counter()  # transfers ended, by final state
         self.snapshots_committed = 0
         self.received_bytes = 0
+        # for metrics, in order of update; seeded from the index, which the driver loaded from the catalog
         self.last_commits = LastCommits()
+        self.last_commits.merge((d, s, at) for (d, s), at in index.newest_commit.items() if at is not None)
         self.committed_frames: dict[str, list] = {}  # COMMITTED waiting for its catalog row
         self.rows_waiting: dict[str, tuple] = {}  # transfer id -> catalog row, for the next batch
         self.batch_in_flight: tuple = ()  # transfer ids whose rows the catalog is writing
@@ -119,10 +127,6 @@ class Controller(AgentSide, NodeSide):
         self.reply_error(peer, exc)
         return self.out
 
-    def started(self, now: float) -> list:
-        """Once, before the first message: load each dataset's newest commit (for metrics) off the loop."""
-        return [Submit("catalog", ("last_commits",), self.store.last_commits, ())]
-
     def completed(self, key, result, error, now: float) -> list:
         self.now, self.out = now, []
         kind = key[0]
@@ -134,11 +138,6 @@ class Controller(AgentSide, NodeSide):
             self.batch_recorded(key[1], error, committed_at=result)
         elif kind == "list":
             self.listed(key[1], result, error)
-        elif kind == "last_commits":
-            if error is not None:
-                logger.error("catalog: newest commit per dataset unknown: {}", error)
-            else:
-                self.last_commits.merge(result)
         return self.out
 
     def on_time(self, now: float) -> list:
@@ -217,26 +216,41 @@ class Controller(AgentSide, NodeSide):
     # --- status socket ----------------------------------------------------------------------------
 
     def status_STATUS(self, peer, msg, frames) -> None:
-        self.send(peer, make("STATUS_REPLY", status=self.status()))
+        self.send(peer, make("STATUS_REPLY", status=self.status(msg.get("device_id"))))
 
     def status_LIST(self, peer, msg, frames) -> None:
-        self.out.append(Submit("catalog", ("list", peer), self.store.list, (msg.get("device_id"),)))
+        self.list_page(peer, msg.get("device_id"), msg)
 
-    def listed(self, peer, rows, error) -> None:
+    def list_page(self, peer, device_id: str | None, msg) -> None:
+        """One page of the catalog, read on the catalog thread (keyset: rows after `after`)."""
+        after = msg.get("after")
+        if after is not None and len(after) != 3:
+            raise RequestError("after is (device_id, dataset, snapshot)", "bad_field")
+        self.out.append(Submit("catalog", ("list", peer), self.store.list,
+                               (device_id, msg.get("dataset"), tuple(after) if after else None,
+                                self.config.list_page_size)))
+
+    def listed(self, peer, page, error) -> None:
         if error is not None:
             logger.error("catalog list failed: {}", error)
             self.reply_error(peer, RequestError("the catalog could not answer; try again", "internal"), ref="LIST")
             return
+        rows, next_key = page
         session = self.registry.session(*peer) if peer[0] != "status" else None
-        self.send(session if session is not None else peer, make("LIST_REPLY", snapshots=rows))
+        fields = {"next": list(next_key)} if next_key is not None else {}
+        self.send(session if session is not None else peer, make("LIST_REPLY", snapshots=rows, **fields))
 
-    def status(self) -> dict:
-        return status_doc.document(self, self.process_figures())
+    def status(self, device_id: str | None = None) -> dict:
+        """Built per request from memory (no catalog query): the summary's counts are kept as
+        things change; only `datasets_behind` walks the datasets, here and nowhere else."""
+        wall_now = self.wall_clock() if self.wall_clock is not None else None
+        return status_doc.document(self, self.process_figures(), device_id, wall_now)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
     def add_transfer(self, t: Transfer, session) -> None:
         self.transfers[t.transfer_id] = t
+        count_in(t, self.live_by_state)
         if t.kind == "upload":
             self.uploads_by_key[t.key] = t
         session.transfers.add(t.transfer_id)

@@ -4,9 +4,9 @@
 One entry per (device, dataset) that has a committed snapshot: the catalog's
 datasets, no more (pruning keeps each dataset's newest snapshot, so an entry
 never goes away). The time is the catalog row's `committed_at`, which the
-catalog thread stamps; the core never reads a clock. At start the broker
-loads the newest `committed_at` per dataset from the catalog (on the catalog
-pool) and merges it in: a commit that lands first is not undone by it.
+catalog thread stamps; the core never reads a clock. At start it is seeded
+from the catalog index (`CatalogIndex.newest_commit`, which the driver loads
+before the loop runs).
 
 Publishing costs what changed, not what exists: the dict is kept in order of
 last update (an updated key moves to the end) and `updates` counts the

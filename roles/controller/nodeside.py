@@ -135,6 +135,7 @@ class NodeSide:
         if committed_at is not None:
             self.last_commits.record(t.device_id, t.dataset, committed_at)
         self.placement.placed(t.device_id, t.dataset, t.node_id)
+        self.index.committed(t.device_id, t.dataset, committed_at)
         t.bytes_done = t.image_size
         self.to_agent(t, frames=frames, name="COMMITTED")
         self.finish(t, "committed")

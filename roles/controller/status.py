@@ -1,19 +1,60 @@
-"""The broker's status document (DESIGN.md "Status", contract): built on
-request from the controller's state; the driver adds its own counters."""
+"""The broker's status document (DESIGN.md "Status" and "Fleet operations —
+contract", Status at scale): built on request from the controller's memory,
+never from the catalog; the driver adds its own counters.
+
+`summary` is global and cheap: device counts are the registry's, transfer
+counts by state are kept by the transfer table's moves, and only
+`datasets_behind` walks the datasets (once per request). `device_id`
+narrows `agents` and `transfers` to one device; the summary stays global.
+"""
 
 from __future__ import annotations
 
+import heapq
+
 from schemas.messages import MAX_CHUNK_SIZE
 
+BEHIND_SHOWN = 20  # the oldest datasets behind, named in the summary (the count covers all)
 
-def document(controller, figures: dict) -> dict:
+
+def summary(controller, wall_now: float | None) -> dict:
     registry = controller.registry
-    agents = [{"device_id": device_id, "connected": connected}
-              for device_id, connected in registry.known_devices.items()]
+    by_state = dict(controller.live_by_state)
+    parked = len(controller.history.parked)
+    if parked:
+        by_state["parked"] = by_state.get("parked", 0) + parked
+    rpo_s = controller.config.rpo_target
+    behind = controller.index.behind(wall_now, rpo_s) if wall_now is not None else []
+    # never committed first, then the oldest commit
+    oldest = heapq.nsmallest(BEHIND_SHOWN, behind, key=lambda e: (e[2] is not None, e[2] or 0.0, e[0], e[1]))
+    return {
+        "devices_known": len(registry.known_devices),
+        "devices_connected": len(registry.sessions_per_device),
+        "transfers_by_state": by_state,
+        "datasets": len(controller.index.newest_commit),
+        "datasets_behind": len(behind),
+        "datasets_behind_oldest": [{"device_id": d, "dataset": s, "newest_committed_at": at}
+                                   for d, s, at in oldest],
+        "rpo_target_s": rpo_s,
+    }
+
+
+def document(controller, figures: dict, device_id: str | None = None, wall_now: float | None = None) -> dict:
+    registry = controller.registry
+    if device_id is None:
+        agents = [{"device_id": d, "connected": connected} for d, connected in registry.known_devices.items()]
+        live = controller.transfers.values()
+        ended = controller.history.status()
+    else:
+        connected = registry.known_devices.get(device_id)
+        agents = [] if connected is None else [{"device_id": device_id, "connected": connected}]
+        live = [t for t in controller.transfers.values() if t.device_id == device_id]
+        ended = [t for t in controller.history.status() if t["device_id"] == device_id]
     storage = [n.status() for n in registry.nodes_by_id.values()]
     storage += [n.status() for n in registry.lost_nodes.values()]
-    transfers = [t.status() for t in controller.transfers.values()] + controller.history.status()
+    transfers = [t.status() for t in live] + ended
     return {
+        "summary": summary(controller, wall_now),
         "agents": agents,
         "storage": storage,
         "transfers": transfers,

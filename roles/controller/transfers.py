@@ -12,10 +12,16 @@ Upload:  checking --catalog:checked--> opening --node:OPENED--> active
          recording --catalog:recorded--> committed
 Restore: checking --catalog:found--> restoring --node:BLOCK(last)--> restored
 Any non-final state may end aborted, failed, parked or error.
+
+Counting: a transfer the controller holds carries `tally`, the controller's
+Counter of live transfers by state. Every move below keeps it right in O(1)
+(the old state counted down, the new one up; a final state leaves it), so
+status reads `transfers_by_state` without walking the transfers.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from bus.errors import RequestError
@@ -82,6 +88,7 @@ class Transfer:
     last_progress: float = 0.0
     finished_at: float | None = None
     refusal: RequestError | None = None  # placement's answer, kept while the catalog is asked
+    tally: Counter | None = field(default=None, repr=False, compare=False)  # live transfers by state
 
     @property
     def key(self) -> tuple:
@@ -116,8 +123,33 @@ def advance(t: Transfer, sender: str, event: str, peer: str = "") -> str:
         raise RequestError(f"{event.split('@')[0]} not allowed for {t.kind} {t.transfer_id} in state {t.state} "
                            f"(from {who})", "bad_state")
     if next_state not in FINAL_STATES:
-        t.state = next_state
+        _move(t, next_state)
     return next_state
+
+
+def count_in(t: Transfer, tally: Counter) -> None:
+    """`t` is live from now on: counted in `tally` under its state until it finishes."""
+    t.tally = tally
+    tally[t.state] += 1
+
+
+def _move(t: Transfer, state: str) -> None:
+    tally = t.tally
+    if tally is not None:
+        _uncount(tally, t.state)
+        if state in FINAL_STATES:
+            t.tally = None
+        else:
+            tally[state] += 1
+    t.state = state
+
+
+def _uncount(tally: Counter, state: str) -> None:
+    left = tally[state] - 1
+    if left > 0:
+        tally[state] = left
+    else:
+        del tally[state]
 
 
 def allowed(t: Transfer, sender: str, event: str) -> bool:
@@ -127,13 +159,16 @@ def allowed(t: Transfer, sender: str, event: str) -> bool:
 def finish(t: Transfer, state: str, reason: str, now: float) -> None:
     if state not in FINAL_STATES:
         raise ValueError(f"{state} is not a final state")
-    t.state, t.reason, t.finished_at = state, reason, now
+    _move(t, state)
+    t.reason, t.finished_at = reason, now
 
 
 def parked_entry(t: Transfer, reason: str) -> None:
     """An offer waiting for its node: shown parked until offered again."""
-    t.state, t.reason = "parked", reason
+    _move(t, "parked")
+    t.reason = reason
 
 
 def resumed(t: Transfer, now: float) -> None:
-    t.state, t.finished_at = "resumed", now
+    _move(t, "resumed")
+    t.finished_at = now
