@@ -36,8 +36,8 @@ import zmq
 from schemas import decode, encode, make
 from schemas.messages import MESSAGES
 
-CYCLE_S = 0.05            # an idle load generator polls its sockets 20 times a second,
-MIN_CYCLE_S = 0.005       # a busy one at most 200 (its lag adds to each round trip of an upload)
+CYCLE_S = 0.05            # a load generator polls its idle devices' sockets 20 times a second,
+UP_CYCLE_S = 0.005        # its uploading devices' up to 200 (its lag adds to each round trip of an upload)
 LIVENESS = 3              # the broker's default heartbeat_liveness; the devices use it too
 CHUNK = 64 * 1024
 UPLOAD_TIMEOUT_S = 120    # an upload not finished by then counts as failed ("timeout") and is aborted
@@ -110,7 +110,7 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
     rng = random.Random(os.getpid())
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, min(ctx.get(zmq.SOCKET_LIMIT), 4 * n + 64))  # closed ones wait for the reaper
-    poller = zmq.Poller()
+    poller, up_poller = zmq.Poller(), zmq.Poller()   # idle devices; uploading ones (polled often, few)
     socks: list = [None] * n
     index: dict = {}
     last_sent, last_heard, backoff = [0.0] * n, [0.0] * n, [0.25] * n
@@ -153,7 +153,7 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
 
     def connect(i, t):
         if socks[i] is not None:
-            poller.unregister(socks[i])
+            (up_poller if i in ups else poller).unregister(socks[i])
             del index[socks[i]]
             socks[i].close(linger=0)
             socks[i] = None
@@ -169,7 +169,7 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
             counters[NO_SOCKET] += 1
             return
         index[socks[i]] = i
-        poller.register(socks[i], zmq.POLLIN)
+        (up_poller if i in ups else poller).register(socks[i], zmq.POLLIN)
         send(i, hellos[i], t, "HELLO")
 
     def pump(i, u, t):
@@ -230,14 +230,20 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
     try:
         t0 = t = counters[T_START] = time.monotonic()
         end, next_scan, next_timeouts, started, uploads_were_on = t + lifetime_s, t + interval_s, t, 0, False
+        next_idle_poll = t
         while not stop.is_set() and t < end:
             cycle = time.monotonic()
             while started < n and (not rate or cycle >= t0 + started / rate):
                 connect(started, cycle)                 # all at once (as after a broker restart), or ramped
                 started += 1
-            busy = False
-            for sock, _ in poller.poll(CYCLE_S * 1000):
-                busy = True
+            if not ups:
+                ready = poller.poll(CYCLE_S * 1000)
+            else:
+                ready = up_poller.poll(UP_CYCLE_S * 1000) if up_poller.sockets else []
+                if cycle >= next_idle_poll:
+                    ready += poller.poll(0)
+                    next_idle_poll = cycle + CYCLE_S
+            for sock, _ in ready:
                 i = index[sock]
                 for _ in range(64):
                     try:
@@ -304,7 +310,7 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
                         connect(i, t)
                         last_heard[i] = t + backoff[i]
                         backoff[i] = min(8.0, backoff[i] * 2)
-            time.sleep(max(0.0, cycle + (MIN_CYCLE_S if busy else CYCLE_S) - time.monotonic()))
+            time.sleep(max(0.0, cycle + (UP_CYCLE_S if ups else CYCLE_S) - time.monotonic()))
     finally:
         for sock in socks:
             if sock is not None:
