@@ -100,7 +100,8 @@ def setup(work: str, n: int, args, ports) -> tuple:
     [os.makedirs(d, exist_ok=True) for d in keys.values()]
     broker = {"frontend_bind": endpoint, "backend_bind": f"tcp://127.0.0.1:{back}",
               "status_bind": f"tcp://127.0.0.1:{status}", "data_dir": os.path.join(work, "var", "broker"),
-              "heartbeat_interval_ms": args.heartbeat_ms, "heartbeat_liveness": LIVENESS, "insecure": args.insecure}
+              "heartbeat_interval_ms": args.heartbeat_ms, "heartbeat_liveness": LIVENESS, "insecure": args.insecure,
+              "idle_heartbeat_interval_ms": max(args.idle_heartbeat_ms, args.heartbeat_ms)}
     nodes = {name: {"node_id": name, "broker": broker["backend_bind"], "data_dir": os.path.join(work, "var", name),
                     "heartbeat_interval_ms": args.heartbeat_ms, "insecure": args.insecure} for name in NODES}
     status_cmd = [sys.executable, "-m", "roles", "status", "--broker", broker["status_bind"], "--json",
@@ -334,6 +335,8 @@ def main(argv=None) -> int:
                    help="measurement window (issue 10's acceptance: 300 at 10,000 devices)")
     p.add_argument("--probe-ms", type=float, default=100.0, help="the probe's PING period")
     p.add_argument("--heartbeat-ms", type=int, default=1000)
+    p.add_argument("--idle-heartbeat-ms", type=int, default=5000,
+                   help="broker idle_heartbeat_interval_ms: devices with no upload beat this often (WELCOME)")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (more if the fd limit needs)")
     p.add_argument("--connect-rate", type=float, default=500,
                    help="devices connecting per second while registering (0: all at once, as after a restart)")

@@ -115,7 +115,11 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
     index: dict = {}
     last_sent, last_heard, backoff = [0.0] * n, [0.0] * n, [0.25] * n
     welcomed = [False] * n
-    due: deque = deque()        # (heartbeat due at, device, last_sent it was due for): in time order
+    # (heartbeat due at, device, last_sent it was due for), in time order, one deque per interval: a
+    # device beats every interval_s while it uploads, else at the idle interval WELCOME gave (as the agent)
+    due: deque = deque()
+    due_idle: deque = deque()
+    idle_s = [interval_s] * n
     events: list = []           # (t, device_id, "not_registered" | "reconnect")
     outcomes: list = []         # (t_offer, t_done, "COMMITTED" | error code)
     ups = {i: Up(0.0) for i in uploaders}
@@ -124,13 +128,18 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
     hellos = [encode(make("HELLO", device_id=d, software="fleet-bench")) for d, _, _ in devices]
     req_seq = [0]
 
+    def interval_of(i):
+        u = ups.get(i)
+        return interval_s if u is not None and u.state != "idle" else idle_s[i]
+
     def send(i, frames, t, kind):
         try:
             socks[i].send_multipart(frames, zmq.NOBLOCK)
         except (zmq.Again, AttributeError):
             pass                                        # the agent's Outbox drops it too; or no socket
         last_sent[i] = t
-        due.append((t + interval_s, i, t))
+        every = interval_of(i)
+        (due if every == interval_s else due_idle).append((t + every, i, t))
         counters[SENT] += 1
         counters[SENT_BY_TYPE + TYPE_INDEX[kind]] += 1
 
@@ -261,6 +270,7 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
                     if msg.t == "WELCOME":
                         counters[WELCOMES] += 1
                         backoff[i] = 0.25
+                        idle_s[i] = max(interval_s, (msg.get("idle_heartbeat_interval_ms") or 0) / 1000)
                         if not welcomed[i]:
                             welcomed[i] = True
                             counters[WELCOMED] += 1
@@ -297,14 +307,15 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
                 for i, u in ups.items():
                     if u.state != "idle" and t - u.t_offer > UPLOAD_TIMEOUT_S:
                         end_upload(i, u, t, "timeout", abort=True)
-            while due and due[0][0] <= t:
-                _, i, when = due.popleft()
-                if last_sent[i] == when:                # nothing sent since: heartbeat
-                    send(i, beat, t, "HEARTBEAT")
+            for queue in (due, due_idle):
+                while queue and queue[0][0] <= t:
+                    _, i, when = queue.popleft()
+                    if last_sent[i] == when:            # nothing sent since: heartbeat
+                        send(i, beat, t, "HEARTBEAT")
             if t >= next_scan:                          # a silent broker: reconnect, with back-off
                 next_scan = t + 0.25
                 for i in range(started):
-                    if t - last_heard[i] > LIVENESS * interval_s:
+                    if t - last_heard[i] > LIVENESS * interval_of(i):
                         counters[RECONNECTS] += 1
                         events.append((t, i, "reconnect"))
                         connect(i, t)
