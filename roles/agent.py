@@ -74,6 +74,11 @@ class AgentProcess:
             return self.core.malformed(peer, exc, now)
         effects = self.core.received(peer, msg, frames, now)
         self.link.welcomed = self.core.welcomed  # for BYE at close
+        if self.core.reconnect_after_s is not None:  # refused (ERROR forbidden): a new connection, later
+            old = self.link.sock
+            self.link.reconnect_after(self.core.reconnect_after_s, now)
+            self.core.reconnect_after_s = None
+            self.loop.replace_link_socket("broker", old)
         if self.core.heartbeat_interval_s is not None:  # the broker's, from WELCOME
             self.link.interval_s = self.core.heartbeat_interval_s
         return effects

@@ -26,6 +26,7 @@ from roles.controller import status as status_doc
 from roles.controller.credit import CreditScheduler
 from roles.controller.history import History
 from roles.controller.agentside import AgentSide
+from roles.controller.enrolment import Enrolment
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
 from roles.controller.registry import Registry
@@ -58,7 +59,7 @@ class ControllerStatistics:
     errors: int
 
 
-class Controller(AgentSide, NodeSide):
+class Controller(AgentSide, NodeSide, Enrolment):
     def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict):
         """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex.
         `identify(frames)`: the key name a connection authenticated with (None if insecure).
@@ -81,6 +82,7 @@ class Controller(AgentSide, NodeSide):
                          for side, table in DISPATCH.items()}
         self.now = 0.0
         self.out: list = []
+        self.init_enrolment()
 
     # --- the core interface -------------------------------------------------------------
 
@@ -91,6 +93,7 @@ class Controller(AgentSide, NodeSide):
         if session is not None:
             session.last_heard = now
         try:
+            self.require_admitted(peer, session, frames)
             if side != "status" and session is None and msg.t != REGISTER[side]:
                 raise RequestError(f"say {REGISTER[side]} first", "not_registered")
             handler = self.handlers[side].get(msg.t)
