@@ -74,6 +74,11 @@ class DealerLink:
         self.welcomed = False
         self.send(self._register(now), now)
 
+    def reconnect_after(self, delay_s: float, now: float) -> None:
+        """Leave this connection (the broker refused it) and open a new one `delay_s` from now."""
+        self.close(say_bye=False)
+        self.reconnect_at = now + delay_s
+
     def close(self, say_bye: bool = True, bye=None) -> None:
         if self.sock is None:
             return

@@ -1,4 +1,4 @@
-"""CurveZMQ: key files, server and client socket set-up, and the ZAP authenticator.
+"""CurveZMQ: key files, server and client socket set-up, and the ZAP handler.
 
 Keys use pyzmq's `zmq.auth` certificate format: `NAME.key` (public) and
 `NAME.key_secret` (both). A server socket accepts only the public keys found
@@ -10,17 +10,19 @@ from the connection (`peer_identity(frame)`), never from what a message claims.
 from __future__ import annotations
 
 import os
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.utils import z85
-from zmq.auth.thread import ThreadAuthenticator
 
+from bus import zap
+from bus.keyring import KeyFileError, KeyScanner, ScanResult
 
-class KeyFileError(Exception):
-    """A key file or directory is missing or malformed (a configuration error)."""
+__all__ = ["KeyFileError", "KeyPair", "Authenticator", "ZapHandler", "load_keypair", "load_public", "keys_in",
+           "create_keypair", "make_server", "make_client", "peer_identity"]
 
 
 @dataclass(frozen=True)
@@ -81,41 +83,105 @@ def make_client(sock: zmq.Socket, ours: KeyPair, server_public: bytes) -> None:
     sock.curve_serverkey = server_public
 
 
-class _NamedKeys(ThreadAuthenticator):
-    """ZAP handler whose User-Id is the key file's name."""
+class ZapHandler:
+    """The process's one ZAP handler: a thread (an actor behind an inproc
+    pipe, as pyzmq's zmq/auth/thread.py) answering libzmq's requests on
+    `inproc://zeromq.zap.01` with `bus.zap.answer` and the current table.
 
-    def __init__(self, ctx, names: dict[bytes, str]):
-        super().__init__(ctx)
-        self._names = names
+    `install(table)` replaces the table by reference (never mutated, read
+    once per request), so a reload never blocks a handshake. The socket is
+    bound before `__init__` returns: no handshake can precede the handler.
+    """
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        return self._names.get(z85.encode(client_public_key), "")
+    ENDPOINT = "inproc://zeromq.zap.01"
+    BURST = 256  # requests answered per wake-up before the pipe is looked at again
+
+    def __init__(self, ctx: zmq.Context, table: dict):
+        self.table = table
+        # reason -> handshakes; every key present from the start, so reading it from another thread is safe
+        self.counts: Counter = Counter(dict.fromkeys(("admitted", "key", "domain", "mechanism", "malformed",
+                                                      "unsent"), 0))
+        self._zap = ctx.socket(zmq.ROUTER)
+        self._zap.setsockopt(zmq.LINGER, 0)
+        self._zap.bind(self.ENDPOINT)
+        self._pipe = ctx.socket(zmq.PAIR)
+        self._pipe.setsockopt(zmq.LINGER, 0)
+        endpoint = f"inproc://speedsync-zap-pipe-{id(self):x}"
+        self._pipe.bind(endpoint)
+        their_pipe = ctx.socket(zmq.PAIR)
+        their_pipe.setsockopt(zmq.LINGER, 0)
+        their_pipe.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, args=(their_pipe,), name="zap", daemon=True)
+        self._thread.start()
+
+    def install(self, table: dict) -> None:
+        self.table = table
+
+    def statistics(self) -> dict:
+        return dict(self.counts)
+
+    def _run(self, pipe: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(pipe, zmq.POLLIN)
+        poller.register(self._zap, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if pipe in events:
+                    return  # TERMINATE is the only command
+                for _ in range(self.BURST):
+                    try:
+                        frames = self._zap.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._answer(frames)
+        finally:
+            pipe.close()
+            self._zap.close()
+
+    def _answer(self, frames: list) -> None:
+        try:
+            split = frames.index(b"") + 1  # the routing envelope ends with an empty delimiter
+        except ValueError:
+            self.counts["malformed"] += 1
+            return
+        reply, reason = zap.answer(frames[split:], self.table)
+        self.counts[reason] += 1
+        try:
+            self._zap.send_multipart(frames[:split] + reply, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counts["unsent"] += 1
+
+    def stop(self) -> None:
+        self._pipe.send(b"TERMINATE")
+        self._thread.join(timeout=5)
+        self._pipe.close()
 
 
 class Authenticator:
-    """One ZAP thread for a process; each domain admits the keys of one directory.
+    """The broker's CURVE admission: its key directories (bus.keyring) and the ZAP handler.
 
-    A key may not appear in two domains: a device's key must never pass for a
-    storage node's.
+    `scan()` may run on any one thread at a time (a pool thread: 10,000 key
+    files must not stall the loop); `install(result)` swaps the handler's
+    table. At start (`__init__`) a conflict or an unreadable key is a
+    KeyFileError: a key may not appear in two roles, a device's key must
+    never pass for a storage node's.
     """
 
-    def __init__(self, ctx: zmq.Context, domains: dict[str, str]):
-        names: dict[bytes, str] = {}
-        self.domains = {}
-        for domain, directory in domains.items():
-            keys = keys_in(directory)
-            for key, name in keys.items():
-                if key in names:
-                    raise KeyFileError(f"key {directory}/{name}.key is also listed for another role")
-                names[key] = name
-            self.domains[domain] = (directory, keys)
-        self._auth = _NamedKeys(ctx, names)
-        self._auth.start()
-        for domain, (directory, _keys) in self.domains.items():
-            self._auth.configure_curve(domain=domain, location=directory)
+    def __init__(self, ctx: zmq.Context, directories: dict[str, str]):
+        self.scanner = KeyScanner(directories)
+        self.keys = self.scanner.scan(strict=True).keys
+        self.handler = ZapHandler(ctx, self.keys.zap)
+
+    def scan(self) -> ScanResult:
+        return self.scanner.scan()
+
+    def install(self, result: ScanResult) -> None:
+        self.keys = result.keys
+        self.handler.install(result.keys.zap)
 
     def stop(self) -> None:
-        self._auth.stop()
+        self.handler.stop()
 
 
 def peer_identity(frame) -> str | None:

@@ -16,15 +16,20 @@ import zmq
 # Credit bounds the bytes in flight; the HWM only bounds message counts, so
 # it is set high enough never to be the limit in normal operation.
 DEFAULT_HWM = 10_000
+# Connections waiting to be accepted. libzmq's default (100) overflows when
+# thousands of devices reconnect at once (a broker restart); the kernel caps
+# it at net.core.somaxconn (4096 on current Linux).
+DEFAULT_BACKLOG = 4096
 
 
 def make_router(ctx: zmq.Context, bind: str, *, mandatory: bool = True, hwm: int = DEFAULT_HWM,
-                secure=None) -> zmq.Socket:
+                secure=None, backlog: int = DEFAULT_BACKLOG) -> zmq.Socket:
     """`secure(sock)` applies CURVE (bus.security) before the bind."""
     sock = ctx.socket(zmq.ROUTER)
     if secure is not None:
         secure(sock)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.BACKLOG, backlog)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     if mandatory:

@@ -76,6 +76,11 @@ class AgentProcess:
             return self.core.malformed(peer, exc, now)
         effects = self.core.received(peer, msg, frames, now)
         self.link.welcomed = self.core.welcomed  # for BYE at close
+        if self.core.reconnect_after_s is not None:  # refused (ERROR forbidden): a new connection, later
+            old = self.link.sock
+            self.link.reconnect_after(self.core.reconnect_after_s, now)
+            self.core.reconnect_after_s = None
+            self.loop.replace_link_socket("broker", old)
         return effects
 
     def _on_link(self, side: str, event: str, now: float) -> list:

@@ -45,6 +45,9 @@ class BrokerConfig:
     authorized_keys: str = _kind("path", "")
     node_keys: str = _kind("path", "")
     operator_keys: str = _kind("path", "")
+    admin_keys: str = _kind("path", "")  # operator keys that may change state; empty: none
+    keys_rescan_ms: int = _kind("int", 5000, min=100)  # key directories re-read this often (and on SIGHUP)
+    listen_backlog: int = _kind("int", 4096, min=1)  # ZMQ_BACKLOG of each ROUTER (the kernel's somaxconn caps it)
     heartbeat_interval_ms: int = _kind("int", 1000, min=10)
     # an agent with no transfer in progress beats this often (told in WELCOME; never below heartbeat_interval_ms)
     idle_heartbeat_interval_ms: int = _kind("int", 5000, min=10)
@@ -256,7 +259,8 @@ def _datasets(value, path: Path, base_dir: Path) -> tuple:
 
 # Keys each role needs unless `insecure: true`, and whether each is a file or a directory.
 SECURITY_KEYS = {
-    "BrokerConfig": {"key_file": "file", "authorized_keys": "dir", "node_keys": "dir", "operator_keys": "dir"},
+    "BrokerConfig": {"key_file": "file", "authorized_keys": "dir", "node_keys": "dir", "operator_keys": "dir",
+                     "admin_keys": "optional dir"},
     "StorageConfig": {"key_file": "file", "broker_key": "file"},
     "AgentConfig": {"key_file": "file", "broker_key": "file"},
 }
@@ -267,11 +271,13 @@ def _check_security(conf, path: Path) -> None:
         return
     for key, kind in SECURITY_KEYS[type(conf).__name__].items():
         value = getattr(conf, key)
+        if not value and kind.startswith("optional"):
+            continue
         if not value:
             raise _fail(path, key, "required with CURVE on (or set insecure: true for plain TCP)")
-        exists = os.path.isdir(value) if kind == "dir" else os.path.isfile(value)
+        exists = os.path.isdir(value) if kind.endswith("dir") else os.path.isfile(value)
         if not exists:
-            raise _fail(path, key, f"{value} is not an existing {'directory' if kind == 'dir' else 'file'}")
+            raise _fail(path, key, f"{value} is not an existing {'directory' if kind.endswith('dir') else 'file'}")
 
 
 def load(cls, file: str | os.PathLike):

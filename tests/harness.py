@@ -124,7 +124,7 @@ class Sampler:
 
 class Cluster:
     # kind of key -> the broker's directory of such public keys (under keys/)
-    KEY_DIRS = {"device": "devices", "node": "nodes", "operator": "operators"}
+    KEY_DIRS = {"device": "devices", "node": "nodes", "operator": "operators", "admin": "admins"}
 
     def __init__(self, root: Path, heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
                  heartbeat_liveness: int = HEARTBEAT_LIVENESS, secure: bool = False):
@@ -173,15 +173,25 @@ class Cluster:
         return secret
 
     def enroll(self, name: str, kind: str) -> Path:
-        """NAME's key pair, its public key listed for the broker (kind: device, node, operator).
+        """NAME's key pair, its public key listed for the broker (kind: device, node, operator, admin).
 
-        The broker reads its key directories when it starts: enroll before that.
+        Before the broker starts, or while it runs (live enrolment: it rescans
+        every keys_rescan_ms and on SIGHUP). The file appears whole (copy, then rename).
         """
         secret = self.keygen(name)
         listed = self.keys / self.KEY_DIRS[kind]
         listed.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.keys / f"{name}.key", listed / f"{name}.key")
+        shutil.copyfile(self.keys / f"{name}.key", listed / f".{name}.key.tmp")
+        os.replace(listed / f".{name}.key.tmp", listed / f"{name}.key")
         return secret
+
+    def revoke(self, name: str, kind: str) -> None:
+        """Remove NAME's public key from the broker's list (kind as for enroll)."""
+        (self.keys / self.KEY_DIRS[kind] / f"{name}.key").unlink()
+
+    def reload_broker(self) -> None:
+        """SIGHUP: the broker re-reads its key directories at once."""
+        self.procs["broker"].send_signal(signal.SIGHUP)
 
     def _broker_security(self) -> dict:
         if not self.secure:
@@ -192,7 +202,7 @@ class Cluster:
             (self.keys / sub).mkdir(parents=True, exist_ok=True)
         return {"insecure": False, "key_file": str(self.keys / "broker.key_secret"),
                 "authorized_keys": str(self.keys / "devices"), "node_keys": str(self.keys / "nodes"),
-                "operator_keys": str(self.keys / "operators")}
+                "operator_keys": str(self.keys / "operators"), "admin_keys": str(self.keys / "admins")}
 
     def _client_security(self, key_name: str) -> dict:
         """An agent's or worker's keys: its own pair (made if absent, not listed by that) and the broker's."""

@@ -94,6 +94,8 @@ class AgentCore(BrokerReplies):
         self.next_limit_check = 0.0
         self.wire_wait_until = 0.0
         self.welcomed = False
+        self.refusals = 0  # ERROR forbidden on our connection since the last WELCOME
+        self.reconnect_after_s: float | None = None  # set when refused: the driver reconnects this much later
         self.endpoint = ""
         self.heartbeat_interval_s: float | None = None  # the broker's, from WELCOME
         self.idle_heartbeat_interval_s: float | None = None  # with no upload in progress

@@ -14,6 +14,13 @@ from schemas import error_message, make
 # Refusals that say "not now" rather than "never": the upload is parked and
 # offered again without counting as a failed attempt.
 PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error"}
+# ERROR `forbidden` about the connection itself (our key is not or no longer
+# admitted, or does not name this device), not about one request: saying
+# HELLO again at once would be refused again, so the agent drops the
+# connection and opens a new one after a back-off that doubles up to a minute
+# (a key listed again is then admitted; DESIGN.md, Live enrolment).
+REFUSING_REFS = {None, "HELLO", "HEARTBEAT", "PING"}
+REFUSED_FIRST_S, REFUSED_MAX_S = 1.0, 60.0
 
 # what the broker sends or passes on to an agent -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {
@@ -37,6 +44,7 @@ class BrokerReplies:
 
     def on_WELCOME(self, msg, now: float) -> None:
         self.welcomed = True
+        self.refusals = 0
         self.heartbeat_interval_s = msg["heartbeat_interval_ms"] / 1000
         idle_ms = msg.get("idle_heartbeat_interval_ms") or msg["heartbeat_interval_ms"]
         self.idle_heartbeat_interval_s = max(self.heartbeat_interval_s, idle_ms / 1000)
@@ -54,7 +62,22 @@ class BrokerReplies:
             self.on_broker_lost(now)
             self._send(self.register_message(now))
             return
+        if msg["code"] == "forbidden" and msg.get("ref") in REFUSING_REFS:
+            self.on_refused(msg, now)
+            return
         self.on_reply(msg, now)
+
+    def on_refused(self, msg, now: float) -> None:
+        """The broker refuses this connection: park everything, and ask the
+        driver (`reconnect_after_s`) for a new connection after a back-off."""
+        if self.reconnect_after_s is not None:
+            return  # already leaving this connection
+        delay = min(REFUSED_MAX_S, REFUSED_FIRST_S * 2 ** self.refusals)
+        self.refusals += 1
+        logger.error("the broker refuses this connection ({}); connecting again in {:.0f}s", msg["reason"], delay)
+        self.welcomed = False
+        self.on_broker_lost(now)
+        self.reconnect_after_s = delay
 
     def on_reply(self, msg, now: float) -> None:
         """A message about one upload: found by transfer id, else by request id."""

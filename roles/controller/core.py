@@ -27,6 +27,7 @@ from roles.controller.credit import CreditScheduler
 from roles.controller.history import History
 from roles.controller.lastcommit import LastCommits
 from roles.controller.agentside import AgentSide
+from roles.controller.enrolment import Enrolment
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
 from roles.controller.registry import Registry
@@ -63,7 +64,7 @@ class ControllerStatistics:
     received_bytes: int = 0  # CHUNK payload bytes accepted from agents (as they travelled)
 
 
-class Controller(AgentSide, NodeSide):
+class Controller(AgentSide, NodeSide, Enrolment):
     def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict,
                  wall_clock=None):
         """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex.
@@ -101,6 +102,7 @@ class Controller(AgentSide, NodeSide):
                          for side, table in DISPATCH.items()}
         self.now = 0.0
         self.out: list = []
+        self.init_enrolment()
 
     # --- the core interface -------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class Controller(AgentSide, NodeSide):
         if session is not None:
             session.last_heard = now
         try:
+            self.require_admitted(peer, session, frames)
             if side != "status" and session is None and msg.t != REGISTER[side]:
                 raise RequestError(f"say {REGISTER[side]} first", "not_registered")
             handler = self.handlers[side].get(msg.t)
