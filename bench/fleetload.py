@@ -231,6 +231,7 @@ def fleet_worker(devices, endpoint, server_public, interval_s, rate, counters, c
         u.new_snapshot(i, rng)
         req_seq[0] += 1
         u.req, u.t_offer, u.state = req_seq[0], t, "offered"
+        last_heard[i] = max(last_heard[i], t)  # the short interval from now: the broker gets a full period (DealerLink)
         counters[OFFERED] += 1
         counters[IN_FLIGHT] += 1
         put(i, t, "OFFER", req=u.req, dataset="vol", snapshot=f"s{u.seq:06d}", image_size=CHUNK * len(u.chunks),

@@ -110,6 +110,14 @@ class DealerLink:
         self.last_sent = now
         return self.outbox.send_frames(frames, None, t)
 
+    def set_interval(self, interval_s: float, now: float) -> None:
+        """The heartbeat interval in force changes (an idle agent starts an upload, say). Going
+        shorter, the broker gets a full liveness period at the new interval from now: it
+        learns of the change only from what we send, and had until now been silent by right."""
+        if interval_s < self.interval_s:
+            self.last_heard = max(self.last_heard, now)
+        self.interval_s = interval_s
+
     def heard(self, now: float) -> None:
         self.last_heard = now
         self.backoff.reset()

@@ -89,7 +89,7 @@ class AgentProcess:
     def _on_turn(self, now: float) -> list:
         effects = []
         if self.core.link_interval_s is not None:  # the broker's, from WELCOME: short while uploading
-            self.link.interval_s = self.core.link_interval_s
+            self.link.set_interval(self.core.link_interval_s, now)
         if self.signals.reload_requested:
             self.signals.reload_requested = False
             effects += self._reload(now)

@@ -61,3 +61,23 @@ def test_reconnect_backoff_doubles_is_jittered_and_resets():
     assert max(many) - min(many) > 0.4  # spread over the half that is random
     backoff.reset()
     assert backoff.next_delay() <= 0.25
+
+
+def test_a_link_going_to_a_shorter_interval_gives_the_broker_a_full_period():
+    """An idle link (5 s beats) last heard 4 s ago starts an upload (1 s): not dead at once."""
+    import zmq
+
+    from bus.link import LOST, DealerLink
+    from schemas import encode, make
+    ctx = zmq.Context()
+    try:
+        link = DealerLink(ctx, lambda: "tcp://127.0.0.1:9", encode, lambda now: make("HELLO", device_id="d"),
+                          lambda now: make("HEARTBEAT"), 5.0, 3)
+        link.connect(100.0)
+        link.set_interval(1.0, 104.0)
+        assert link.next_deadline() == 101.0  # a heartbeat is owed at once (last sent: the HELLO at 100)...
+        assert link.on_time(106.9) != LOST  # ...but the broker has 3 s from the change to show
+        assert link.on_time(107.0) == LOST
+    finally:
+        link.close(say_bye=False)
+        ctx.term()
