@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent.parent
 OURS = ("bus", "schemas", "roles", "bench")
 ROLE_PACKAGES = ("roles.controller", "roles.storenode", "roles.appliance")
 PURE_BUS = ("bus.clock", "bus.deadlines", "bus.effects", "bus.frames", "bus.errors", "bus.credit",
-            "bus.heartbeat", "bus.pipeline", "bus.linkfaults", "bus.pacing")
+            "bus.heartbeat", "bus.pipeline", "bus.linkfaults", "bus.pacing", "bus.zap")
 
 
 def module_path(name: str) -> Path | None:

@@ -9,7 +9,8 @@ driver (`roles/broker.py`) feeds it and executes what it returns
 runs on the loop. Handlers are found through a dispatch table per side,
 built once and checked against `schemas.MESSAGES`; every state change goes
 through `transfers.py`'s table. The handlers of each side live in
-`agentside.py` and `nodeside.py`.
+`agentside.py` and `nodeside.py`; live enrolment and revocation (which
+connections a removed key leaves refused) in `enrolment.py`.
 """
 
 from __future__ import annotations
