@@ -229,6 +229,8 @@ def measure(n: int, args, env: dict) -> dict:
         row["connected"] = sum(1 for a in doc["agents"] if a["connected"] and a["device_id"] != PROBE_ID)
         row["broker_dropped"] = doc["broker"].get("dropped_messages")
         row["broker_errors"] = doc["broker"].get("errors_by_code")
+        if args.kill_broker:
+            pid = kill_and_restart(row, n, procs, paths, workers, status_cmd, env, alive)
         stop.set()
         for _ in workers:
             outputs.append(results.get(timeout=60))
@@ -246,6 +248,54 @@ def measure(n: int, args, env: dict) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         row["load_end"] = os.getloadavg()[0]
     return row
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen backlog was full (TcpExt)."""
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(dict(zip(lines[0][1:], lines[1][1:]))["ListenOverflows"])
+
+
+def catalog_keys(procs, status_cmd, env) -> set:
+    """Every committed (device, dataset, snapshot) the broker lists (paged by the CLI)."""
+    cmd = [a if a != "status" else "list" for a in status_cmd]
+    run = procs.run("list", cmd, timeout_s=120, cwd=REPO, env=env)
+    if run.returncode != 0:
+        raise RuntimeError(f"list failed: {run.stderr.strip()[:200]}")
+    return {(s["device_id"], s["dataset"], s["snapshot"]) for s in json.loads(run.stdout)}
+
+
+def kill_and_restart(row: dict, n: int, procs, paths, workers, status_cmd, env, alive) -> int:
+    """kill -9 the broker with every device connected, start it again on the same ports and data:
+    the time until all N are welcomed again, the peak registrations per second (what a restart
+    storm looks like at the broker), and whether every snapshot committed before is still listed."""
+    before = catalog_keys(procs, status_cmd, env)
+    welcomes0 = sum(c[WELCOMES] for _, c in workers)
+    overflows0 = listen_overflows()
+    procs.procs["broker"].kill()
+    procs.procs["broker"].wait(10)
+    t_kill = time.monotonic()
+    procs.start("broker-restarted", [sys.executable, "-m", "roles", "broker", "--config", paths["broker"]],
+                cwd=REPO, env=env)
+    procs.procs["broker"] = procs.procs["broker-restarted"]   # what alive() watches
+    per_second, last, t_all = [], welcomes0, None
+    while time.monotonic() - t_kill < REGISTER_TIMEOUT_S:
+        time.sleep(1.0)
+        alive()
+        now_welcomes = sum(c[WELCOMES] for _, c in workers)
+        per_second.append(now_welcomes - last)
+        last = now_welcomes
+        if now_welcomes - welcomes0 >= n:
+            t_all = time.monotonic() - t_kill
+            break
+    after = catalog_keys(procs, status_cmd, env)
+    row["restart_register_s"] = t_all
+    row["restart_peak_welcomes_per_s"] = max(per_second, default=0)
+    row["restart_committed_before"] = len(before)
+    row["restart_lost"] = len(before - after)
+    row["restart_listen_overflows"] = listen_overflows() - overflows0
+    return procs.procs["broker"].pid
 
 
 def count_messages(row: dict, before, after, wall: float, args) -> None:
@@ -289,6 +339,8 @@ TABLES = [
      "probe_p50_ms", "probe_p99_ms", "probe_max_ms", "probe_lost", "dropped", "connected", "load_start", "load_end"],
     ["devices", "uploaders", "offered", "committed", "failed", "commits_per_s", "commit_p50_ms", "commit_p99_ms",
      "chunks_per_s", "msgs_per_s", "broker_us_per_msg", "gen_cpu_%", "nodes_cpu_%"],
+    ["devices", "restart_register_s", "restart_peak_welcomes_per_s", "restart_committed_before", "restart_lost",
+     "restart_listen_overflows"],
 ]
 
 
@@ -335,6 +387,8 @@ def main(argv=None) -> int:
                    help="measurement window (issue 10's acceptance: 300 at 10,000 devices)")
     p.add_argument("--probe-ms", type=float, default=100.0, help="the probe's PING period")
     p.add_argument("--heartbeat-ms", type=int, default=1000)
+    p.add_argument("--kill-broker", action="store_true",
+                   help="after the window: kill -9 the broker, restart it, time the fleet's return, check the catalog")
     p.add_argument("--idle-heartbeat-ms", type=int, default=5000,
                    help="broker idle_heartbeat_interval_ms: devices with no upload beat this often (WELCOME)")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (more if the fd limit needs)")
