@@ -58,6 +58,7 @@ class BrokerConfig:
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     rpo_target: float = _kind("duration", 900.0, min=1)  # seconds: older newest commit = behind (status summary)
     list_page_size: int = _kind("int", 1000, min=1, max=10000)  # catalog rows per LIST_REPLY
+    status_items_max: int = _kind("int", 5000, min=1, max=100000)  # most agents, and transfers, in one status
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
 

@@ -197,3 +197,13 @@ def test_list_is_answered_a_page_at_a_time_in_key_order(tmp_path):
     # a cursor that is not a key is refused
     rig.send(OPERATOR, "LIST", after=["dev-0"])
     assert rig.last("ERROR")["code"] == "bad_field"
+
+
+def test_no_status_reply_is_unbounded(tmp_path):
+    rig = Rig(tmp_path, status_items_max=10)
+    for i in range(25):
+        rig.send(agent(i), "HELLO", device_id=f"dev-{i}")
+    doc = rig.controller.status()
+    assert len(doc["agents"]) == 10
+    assert doc["summary"]["agents_omitted"] == 15 and doc["summary"]["devices_known"] == 25
+    assert doc["summary"]["transfers_omitted"] == 0

@@ -6,11 +6,15 @@ never from the catalog; the driver adds its own counters.
 counts by state are kept by the transfer table's moves, and only
 `datasets_behind` walks the datasets (once per request). `device_id`
 narrows `agents` and `transfers` to one device; the summary stays global.
+No reply is unbounded: `agents` and `transfers` hold at most
+`status_items_max` entries each (transfers in progress first, then parked,
+then finished), and the summary says how many were left out.
 """
 
 from __future__ import annotations
 
 import heapq
+from itertools import islice
 
 from schemas.messages import MAX_CHUNK_SIZE
 
@@ -41,8 +45,10 @@ def summary(controller, wall_now: float | None) -> dict:
 
 def document(controller, figures: dict, device_id: str | None = None, wall_now: float | None = None) -> dict:
     registry = controller.registry
+    cap = controller.config.status_items_max
     if device_id is None:
-        agents = [{"device_id": d, "connected": connected} for d, connected in registry.known_devices.items()]
+        agents = [{"device_id": d, "connected": connected}
+                  for d, connected in islice(registry.known_devices.items(), cap)]
         live = controller.transfers.values()
         ended = controller.history.status()
     else:
@@ -52,10 +58,17 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
         ended = [t for t in controller.history.status() if t["device_id"] == device_id]
     storage = [n.status() for n in registry.nodes_by_id.values()]
     storage += [n.status() for n in registry.lost_nodes.values()]
-    transfers = [t.status() for t in live] + ended
+    shown_agents = agents[:cap]
+    known = len(registry.known_devices) if device_id is None else len(agents)
+    transfers = [t.status() for t in islice(live, cap)]
+    transfers += ended[:cap - len(transfers)]
+    total_transfers = (len(controller.transfers) if device_id is None else len(live)) + len(ended)
+    head = summary(controller, wall_now)
+    head["agents_omitted"] = known - len(shown_agents)
+    head["transfers_omitted"] = total_transfers - len(transfers)
     return {
-        "summary": summary(controller, wall_now),
-        "agents": agents,
+        "summary": head,
+        "agents": shown_agents,
         "storage": storage,
         "transfers": transfers,
         "broker": {"rss_bytes": figures.get("rss_bytes", 0), "dropped_messages": figures.get("dropped_messages", 0),
