@@ -41,14 +41,7 @@ class Submit:
     args: tuple = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Forget:
-    """The peer's session is over (a DEALER link: reconnect and register again)."""
-    peer: Peer
-    reason: str
-
-
-Effect = Send | Forward | Submit | Forget
+Effect = Send | Forward | Submit
 
 
 class Core(Protocol):

@@ -15,11 +15,9 @@ Handlers: `on_frames(peer, frames, now) -> effects` for sockets,
 
 from __future__ import annotations
 
-from typing import Callable
-
 import zmq
 
-from bus.effects import Forget, Forward, Send, Submit
+from bus.effects import Forward, Send, Submit
 from bus.link import DealerLink
 from bus.sockets import Outbox, recv_frames
 
@@ -37,7 +35,6 @@ class Loop:
         self._link_handlers: dict[str, tuple] = {}  # side -> (on_frames, burst)
         self._pools: dict[str, tuple] = {}  # name -> (pool, on_done)
         self._pool_fds: dict[int, str] = {}
-        self.on_forget: Callable | None = None
         self.dropped_invalid = 0
         self.turns = 0
 
@@ -91,9 +88,6 @@ class Loop:
                     self.outboxes[side].send_frames(effect.frames, routing, effect.t)
             elif kind is Submit:
                 self._pools[effect.pool][0].submit(effect.key, effect.fn, *effect.args)
-            elif kind is Forget:
-                if self.on_forget is not None:
-                    self.on_forget(effect.peer, effect.reason)
             else:
                 raise TypeError(f"not an effect: {effect!r}")
 

@@ -23,19 +23,7 @@ _NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 def parse_size(value) -> int:
     """Bytes from an int or a string like '1MiB'; ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size like 1MiB, got a boolean")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"expected a size like 1MiB, got {type(value).__name__}")
-    match = _NUMBER.fullmatch(value)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(f"{value!r} is not a size (use e.g. 512KiB, 1MiB, 5MB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return int(_quantity(value, _SIZE_UNITS, "size", "1MiB", "512KiB, 1MiB, 5MB", (int,)))
 
 
 def parse_rate(value) -> int | None:
@@ -54,19 +42,24 @@ def parse_rate(value) -> int | None:
 
 def parse_duration(value) -> float:
     """Seconds from a number or a string like '15m', '90s', '500ms', '7d'; ValueError otherwise."""
+    return float(_quantity(value, _DURATION_UNITS, "duration", "15m", "500ms, 90s, 15m, 1h, 7d", (int, float)))
+
+
+def _quantity(value, units: dict, kind: str, example: str, examples: str, plain: tuple):
+    """A plain non-negative number of one of the types `plain`, or '<number><unit>' with a unit of `units`."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 15m, got a boolean")
-    if isinstance(value, (int, float)):
+        raise ValueError(f"expected a {kind} like {example}, got a boolean")
+    if isinstance(value, plain):
         if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
+            raise ValueError(f"a {kind} cannot be negative")
+        return value
     if not isinstance(value, str):
-        raise ValueError(f"expected a duration like 15m, got {type(value).__name__}")
+        raise ValueError(f"expected a {kind} like {example}, got {type(value).__name__}")
     match = _NUMBER.fullmatch(value)
     unit = match.group(2).lower() if match else None
-    if match is None or unit not in _DURATION_UNITS:
-        raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 90s, 15m, 1h, 7d)")
-    return float(match.group(1)) * _DURATION_UNITS[unit]
+    if match is None or unit not in units:
+        raise ValueError(f"{value!r} is not a {kind} (use e.g. {examples})")
+    return float(match.group(1)) * units[unit]
 
 
 def format_bytes(n: float) -> str:

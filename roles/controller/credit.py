@@ -97,9 +97,6 @@ class CreditScheduler:
         credit = self.nodes[node_id] = NodeCredit(CreditPool(window))
         return credit.pool
 
-    def remove_node(self, node_id: str) -> None:
-        self.nodes.pop(node_id, None)
-
     def grant(self, node_id: str, transfer_id: str, ledger: UploadLedger, chunk_size: int) -> int:
         """Credit for one upload now; 0 (and the upload queued) when the node's pool is short."""
         node = self.nodes.get(node_id)
@@ -147,10 +144,3 @@ class CreditScheduler:
         if node is not None:
             node.hungry.pop(transfer_id, None)
 
-    def outstanding(self, node_id: str) -> int:
-        node = self.nodes.get(node_id)
-        return node.pool.outstanding if node else 0
-
-    def window(self, node_id: str) -> int:
-        node = self.nodes.get(node_id)
-        return node.pool.window if node else 0

@@ -152,10 +152,6 @@ def _uncount(tally: Counter, state: str) -> None:
         del tally[state]
 
 
-def allowed(t: Transfer, sender: str, event: str) -> bool:
-    return (t.kind, t.state, sender, event) in TRANSITIONS
-
-
 def finish(t: Transfer, state: str, reason: str, now: float) -> None:
     if state not in FINAL_STATES:
         raise ValueError(f"{state} is not a final state")
