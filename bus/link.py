@@ -28,12 +28,13 @@ __all__ = ["CONNECTED", "LOST", "DealerLink"]
 class DealerLink:
     def __init__(self, ctx: zmq.Context, choose_endpoint: Callable[[], str], encode,
                  register: Callable[[float], object], heartbeat: Callable[[float], object],
-                 interval_s: float, liveness: int, *, secure=None, faults=None, clock=None):
+                 interval_s: float, liveness: int, *, max_frame: int, secure=None, faults=None, clock=None):
         """`register(now)`/`heartbeat(now)` build the owner's HELLO|READY and
         HEARTBEAT; `choose_endpoint()` runs on every (re)connect. It may block
         (probing several brokers): with the driver's `clock()`, the new
         connection's liveness then counts from when it opened."""
         self.ctx = ctx
+        self.max_frame = max_frame  # ZMQ_MAXMSGSIZE of every connection (bus.sockets.make_dealer)
         self._choose_endpoint = choose_endpoint
         self._encode = encode
         self._register = register
@@ -61,7 +62,7 @@ class DealerLink:
         self.endpoint = self._choose_endpoint()
         if self._clock is not None:
             now = self._clock()
-        self.sock = make_dealer(self.ctx, self.endpoint, secure=self.secure)
+        self.sock = make_dealer(self.ctx, self.endpoint, max_frame=self.max_frame, secure=self.secure)
         self.outbox = Outbox(self.sock, self._encode)
         self.reconnect_at = None
         self.connects += 1

@@ -22,12 +22,15 @@ DEFAULT_HWM = 10_000
 DEFAULT_BACKLOG = 4096
 
 
-def make_router(ctx: zmq.Context, bind: str, *, mandatory: bool = True, hwm: int = DEFAULT_HWM,
+def make_router(ctx: zmq.Context, bind: str, *, max_frame: int, mandatory: bool = True, hwm: int = DEFAULT_HWM,
                 secure=None, backlog: int = DEFAULT_BACKLOG) -> zmq.Socket:
-    """`secure(sock)` applies CURVE (bus.security) before the bind."""
+    """`secure(sock)` applies CURVE (bus.security) before the bind. `max_frame`: the
+    largest frame a peer may send (schemas.limits.max_frame_for); libzmq drops the
+    connection of a peer that sends a larger one, before buffering it."""
     sock = ctx.socket(zmq.ROUTER)
     if secure is not None:
         secure(sock)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.BACKLOG, backlog)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -38,10 +41,12 @@ def make_router(ctx: zmq.Context, bind: str, *, mandatory: bool = True, hwm: int
     return sock
 
 
-def make_dealer(ctx: zmq.Context, connect: str, *, hwm: int = DEFAULT_HWM, secure=None) -> zmq.Socket:
+def make_dealer(ctx: zmq.Context, connect: str, *, max_frame: int, hwm: int = DEFAULT_HWM,
+                secure=None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     if secure is not None:
         secure(sock)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)

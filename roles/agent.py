@@ -33,6 +33,7 @@ from roles import metrics
 from roles.process import StopFlag, client_security
 from roles.statusclient import status_endpoint
 from schemas import decode, encode, make
+from schemas.limits import max_frame_for
 
 
 class AgentProcess:
@@ -49,14 +50,16 @@ class AgentProcess:
         secure = client_security(config)
         self.link = DealerLink(self.ctx, endpoint_chooser(self.ctx, config, secure), encode, self._register,
                                self.core.heartbeat_message, config.heartbeat_interval_ms / 1000,
-                               config.heartbeat_liveness, secure=secure, faults=link_faults(config),
+                               config.heartbeat_liveness, max_frame=max_frame_for("agent"), secure=secure,
+                               faults=link_faults(config),
                                clock=self.clock.now)
         self.link.connect(t)
         self.loop = Loop(self.clock, encode)
         self.loop.add_link("broker", self.link, self._from, self._on_link)
         self.loop.add_pool("image", self.image, self.core.completed)
         self.loop.add_pool("work", self.work, self.core.completed)
-        status_sock = make_router(self.ctx, status_endpoint(config), mandatory=False)
+        status_sock = make_router(self.ctx, status_endpoint(config), max_frame=max_frame_for("agent", "operator"),
+                                  mandatory=False)
         self.loop.add_socket("status", status_sock, self._from, routed=True, burst=64)
         self.progress = Progress()
         self.metrics = metrics.start(metrics.AgentMetrics, config.metrics_listen, self.core)
@@ -71,7 +74,7 @@ class AgentProcess:
 
     def _from(self, peer, frames, now: float) -> list:
         try:
-            msg = decode(frames)
+            msg = decode(frames, receiver="agent")
         except RemoteProtocolError as exc:
             return self.core.malformed(peer, exc, now)
         effects = self.core.received(peer, msg, frames, now)

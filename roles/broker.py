@@ -30,6 +30,11 @@ from roles.controller.core import Controller
 from roles import metrics
 from roles.process import StopFlag, tune_malloc
 from schemas import decode, encode
+from schemas.limits import max_frame_for
+
+# socket side -> the role whose messages arrive there: its frames are bounded by what the broker
+# receives from that role (an agent's CHUNK, a node's BLOCK; an operator's requests are small)
+SENDERS = {"agent": "agent", "node": "node", "status": "operator"}
 
 
 def rss_bytes() -> int:
@@ -71,15 +76,16 @@ class BrokerProcess:
             self.rescan_at = self.clock.now() + config.keys_rescan_ms / 1000
         for side, bind, domain in (("agent", config.frontend_bind, "devices"), ("node", config.backend_bind, "nodes"),
                                    ("status", config.status_bind, "operators")):
-            self.loop.add_socket(side, make_router(self.ctx, bind, secure=secure[domain],
-                                                   backlog=config.listen_backlog), self.on_frames, routed=True)
+            sock = make_router(self.ctx, bind, max_frame=max_frame_for("broker", SENDERS[side]), secure=secure[domain],
+                               backlog=config.listen_backlog)
+            self.loop.add_socket(side, sock, self.on_frames, routed=True)
         self.loop.add_pool("catalog", self.catalog_pool, self.controller.completed)
         self.metrics = metrics.start(metrics.BrokerMetrics, config.metrics_listen, self.controller, self.figures)
         self.loop.add_pool("keys", self.keys_pool, self.keys_scanned)
 
     def on_frames(self, peer, frames, now: float) -> list:
         try:
-            msg = decode(frames)
+            msg = decode(frames, receiver="broker")
         except RemoteProtocolError as exc:
             return self.controller.malformed(peer, exc, now)
         return self.controller.received(peer, msg, frames, now)

@@ -18,6 +18,7 @@ from bus.errors import RemoteProtocolError
 from bus.linkfaults import LinkFaults
 from bus.sockets import make_dealer
 from schemas import decode, encode, make
+from schemas.limits import max_frame_for
 
 PROBE_TIMEOUT_S = 2.0
 
@@ -27,7 +28,7 @@ def choose_endpoint(ctx: zmq.Context, config, secure, timeout_s: float = PROBE_T
     poller = zmq.Poller()
     started = time.monotonic()
     for endpoint in config.brokers:
-        sock = make_dealer(ctx, endpoint, secure=secure)
+        sock = make_dealer(ctx, endpoint, max_frame=max_frame_for("agent"), secure=secure)
         sock.send_multipart(encode(make("HELLO", device_id=config.device_id)), flags=zmq.NOBLOCK)
         socks[sock] = endpoint
         poller.register(sock, zmq.POLLIN)

@@ -24,6 +24,7 @@ from roles.config import AgentConfig
 from roles.endpoints import endpoint_chooser
 from roles.process import MAX_POLL_MS, client_security
 from schemas import decode, encode, make
+from schemas.limits import max_frame_for
 
 RESTORE_WINDOW = 32 * 1024 * 1024
 
@@ -36,7 +37,7 @@ def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_
     link = DealerLink(ctx, endpoint_chooser(ctx, config, secure), encode,
                       lambda now: make("HELLO", device_id=config.device_id, software=SOFTWARE),
                       lambda now: make("HEARTBEAT"), config.heartbeat_interval_ms / 1000,
-                      config.heartbeat_liveness, secure=secure, clock=clock.now)
+                      config.heartbeat_liveness, max_frame=max_frame_for("agent"), secure=secure, clock=clock.now)
     started = clock.now()
     link.connect(started)
     if timeout_s is None:
@@ -59,7 +60,7 @@ def _receive(link: DealerLink, now: float) -> list:
             break
         link.heard(now)
         try:
-            msg = decode(frames)
+            msg = decode(frames, receiver="agent")
         except RemoteProtocolError as exc:
             logger.warning("bad message from broker: {}", exc)
             continue

@@ -11,6 +11,7 @@ import zmq
 from bus import security
 from bus.errors import RemoteProtocolError, RequestError
 from schemas import decode, encode, make
+from schemas.limits import max_frame_for
 from roles.config import AgentConfig
 
 
@@ -25,6 +26,7 @@ def ask(endpoint: str, message, timeout_ms: int = 5000, keys: OperatorKeys | Non
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_for("operator"))
     try:
         if keys is not None:
             security.make_client(sock, security.load_keypair(keys.key_file), security.load_public(keys.broker_key))
@@ -76,6 +78,7 @@ def query_agent_status(config: AgentConfig, timeout_ms: int = 3000) -> dict:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_for("operator"))
     try:
         sock.connect(status_endpoint(config))
         sock.send_multipart(encode(make("STATUS")))

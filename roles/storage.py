@@ -28,6 +28,7 @@ from roles.storenode.faults import DiskFaults
 from roles.storenode.manifests import ManifestStore
 from roles.storenode.ownership import DeviceChunks
 from schemas import decode, encode
+from schemas.limits import max_frame_for
 
 
 class StorageProcess:
@@ -53,13 +54,13 @@ class StorageProcess:
         self.ctx = zmq.Context()
         self.link = DealerLink(self.ctx, lambda: config.broker, encode, self.core.register_message,
                                self.core.heartbeat_message, interval_s, config.heartbeat_liveness,
-                               secure=client_security(config))
+                               max_frame=max_frame_for("node"), secure=client_security(config))
         self.loop = Loop(self.clock, encode)
         self.metrics = metrics.start(metrics.StorageMetrics, config.metrics_listen, self.core)
 
     def on_frames(self, peer, frames, now: float) -> list:
         try:
-            msg = decode(frames)
+            msg = decode(frames, receiver="node")
         except RemoteProtocolError as exc:
             return self.core.malformed(peer, exc, now)
         return self.core.received(peer, msg, frames, now)

@@ -1,7 +1,9 @@
 """The one entry point for untrusted frames, and the one way to build messages.
 
-`decode(frames)` checks, in order: frame count, header size, msgpack with
-limits, `v`, `t`, the type's fields and payload count. It returns a frozen
+`decode(frames)` checks, in order: frame count, header size (the receiver's
+largest), `v` and `t` read without building the header, the header size
+against `t`'s own limit, msgpack with `t`'s limits, the type's fields and
+payload count. It returns a frozen
 `Message` or raises RemoteProtocolError; nothing else unpacks a header.
 `make(t, **fields)` validates too (raising LocalProtocolError), so an invalid
 message cannot be constructed.
@@ -13,8 +15,9 @@ from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from bus.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from bus.frames import pack_header, unpack_header
-from schemas.messages import DOC_HEADER, MESSAGES, PROTOCOL_VERSION
+from bus.frames import pack_header, peek_scalars, require_size, unpack_header
+from schemas.limits import PEEK_MAX_ENTRIES, UNPACK_LIMITS, max_header_for
+from schemas.messages import MESSAGES, PROTOCOL_VERSION
 
 MAX_FRAMES = 8
 
@@ -70,28 +73,45 @@ def _validate(t: str, fields: Mapping[str, Any], payload_count: int, error: type
     return out
 
 
-def decode(frames: Sequence, max_header: int | None = None) -> Message:
-    """Decode untrusted frames (routing frames already removed)."""
+def decode(frames: Sequence, max_header: int | None = None, receiver: str | None = None) -> Message:
+    """Decode untrusted frames (routing frames already removed).
+
+    `receiver` (broker, node, agent, operator) bounds the header by the largest
+    that role can legally receive; `max_header` bounds it by hand. The type is
+    read first without building anything (`peek_scalars`), then the header is
+    unpacked with that type's own limits (schemas/limits.py), so a hostile
+    header costs at most what a legal one of its type would."""
     if not frames:
         raise RemoteProtocolError("no frames", "bad_frames")
     if len(frames) > MAX_FRAMES:
         raise RemoteProtocolError(f"{len(frames)} frames, at most {MAX_FRAMES}", "bad_frames")
     header_frame = frames[0]
     raw = header_frame.buffer if hasattr(header_frame, "buffer") else header_frame
-    header = unpack_header(raw, max_header or DOC_HEADER)
-    v = header.get("v")
+    require_size(raw, max_header or max_header_for(receiver))
+    peeked = peek_scalars(raw, _PEEKED, PEEK_MAX_ENTRIES)
+    _require_version(peeked.get("v"))
+    t = peeked.get("t")
+    if not isinstance(t, str) or t not in MESSAGES:
+        raise RemoteProtocolError(f"unknown message type {str(t)[:32]!r}", "unknown_type")
+    limits = UNPACK_LIMITS[t]
+    if len(raw) > limits.max_bytes:
+        raise RemoteProtocolError(f"{t} header of {len(raw)} bytes exceeds {limits.max_bytes}", "too_large")
+    header = unpack_header(raw, limits)
+    _require_version(header.get("v"))
+    if header.get("t") != t:  # a duplicate key: msgpack keeps the last one
+        raise RemoteProtocolError("header names its type twice", "bad_header")
+    fields = _validate(t, header, len(frames) - 1, RemoteProtocolError)
+    return Message(t, fields, tuple(frames[1:]))
+
+
+_PEEKED = frozenset(("v", "t"))
+
+
+def _require_version(v) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise RemoteProtocolError("header has no integer 'v'", "bad_version")
     if v != PROTOCOL_VERSION:
         raise RemoteProtocolError(f"protocol version {v}, this side speaks {PROTOCOL_VERSION}", "bad_version")
-    t = header.get("t")
-    if not isinstance(t, str) or t not in MESSAGES:
-        raise RemoteProtocolError(f"unknown message type {str(t)[:32]!r}", "unknown_type")
-    spec = MESSAGES[t]
-    if len(raw) > spec.max_header:
-        raise RemoteProtocolError(f"{t} header of {len(raw)} bytes exceeds {spec.max_header}", "too_large")
-    fields = _validate(t, header, len(frames) - 1, RemoteProtocolError)
-    return Message(t, fields, tuple(frames[1:]))
 
 
 def make(t: str, payload: Sequence = (), **fields) -> Message:

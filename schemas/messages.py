@@ -29,6 +29,8 @@ MIN_CHUNK_SIZE = 4096
 MAX_IMAGE_SIZE = 2**50
 MAX_HASHES_PER_QUERY = 4096
 MAX_CHUNKS = MAX_IMAGE_SIZE // MIN_CHUNK_SIZE
+# The largest chunk as it travels: zstd's worst case for MAX_CHUNK_SIZE (ZSTD_compressBound: + size/256)
+MAX_WIRE_CHUNK = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE // 256
 CODECS = ("raw", "zstd")
 
 # Header limits: data-path messages are small; QUERY carries up to 4096
@@ -100,8 +102,8 @@ _DECLARED = [
     _t("CHUNK", "agent", "node", "a chunk's bytes (zstd or raw), named by blake3 of the raw bytes; a paced "
        "sender may split them into pieces at `offset` of `total` payload bytes, sent in order",
        {**TRANSFER, "hash": HASH, "raw_len": Int(min=1, max=MAX_CHUNK_SIZE), "codec": Str(choices=CODECS),
-        "offset": Int(max=MAX_CHUNK_SIZE + 65536, required=False),
-        "total": Int(min=1, max=MAX_CHUNK_SIZE + 65536, required=False)},
+        "offset": Int(max=MAX_WIRE_CHUNK, required=False),
+        "total": Int(min=1, max=MAX_WIRE_CHUNK, required=False)},
        payload=(1, 1), via="broker"),
     _t("DELTA", "agent", "node", "a changed chunk as its base chunk plus the 4 KiB pages that differ",
        {**TRANSFER, "hash": HASH, "base_hash": HASH, "raw_len": Int(min=1, max=MAX_CHUNK_SIZE),
@@ -109,7 +111,7 @@ _DECLARED = [
         "codec": Str(choices=CODECS)},
        payload=(1, 1), planned=True, via="broker"),
     _t("STORED", "node", "agent", "the chunk is durable (fsync'd, renamed); its credit returns",
-       {**TRANSFER, "hash": HASH, "raw_len": Int(max=MAX_CHUNK_SIZE), "wire_len": Int(max=MAX_CHUNK_SIZE + 65536)}, via="broker"),
+       {**TRANSFER, "hash": HASH, "raw_len": Int(max=MAX_CHUNK_SIZE), "wire_len": Int(max=MAX_WIRE_CHUNK)}, via="broker"),
     _t("COMMIT", "agent", "node", "every chunk is sent: verify against the image blake3 (nil: the node computes it) and commit",
        {**TRANSFER, "image_blake3": Bin(size=32, max_len=32, nullable=True)}, via="broker"),
     _t("COMMITTED", "node", "broker agent", "the snapshot is verified against its image blake3 and durable",

@@ -72,7 +72,7 @@ def test_a_link_going_to_a_shorter_interval_gives_the_broker_a_full_period():
     ctx = zmq.Context()
     try:
         link = DealerLink(ctx, lambda: "tcp://127.0.0.1:9", encode, lambda now: make("HELLO", device_id="d"),
-                          lambda now: make("HEARTBEAT"), 5.0, 3)
+                          lambda now: make("HEARTBEAT"), 5.0, 3, max_frame=1 << 20)
         link.connect(100.0)
         link.set_interval(1.0, 104.0)
         assert link.next_deadline() == 101.0  # a heartbeat is owed at once (last sent: the HELLO at 100)...
