@@ -167,16 +167,27 @@ def test_operators_are_refused_once_removed_and_admins_are_tracked(broker):
     assert d.controller.admins == set()
 
 
-def test_while_nothing_is_revoked_a_message_costs_no_identity_lookup(broker):
+def test_every_message_of_a_session_is_checked_against_the_key_it_enrolled_with(broker):
+    """Authority rests on each message's User-Id, not on the routing id: one lookup per
+    message (a frame property), and a message under another key is refused and changes nothing."""
     d = broker
+    tid = offer(d, d.office1, "s1")
     before = d.identified
-    for seq in range(100):
+    for seq in range(10):
         d.send(d.office1, "PING", seq=seq, sent_us=0)
         d.send(d.node, "HEARTBEAT")
-    assert d.identified == before
-    d.keys_changed("devices", removed={"somebody-else"})
-    d.send(d.office1, "PING", seq=1, sent_us=0)
-    assert d.identified == before  # a session's messages never need it: revoked sessions are gone
+    assert d.identified == before + 20
+    d.key_of[d.office1] = "office-2"  # the same routing id, another device's key
+    for t, fields in (("ABORT", {"transfer_id": tid}), ("PING", {"seq": 1, "sent_us": 0}),
+                      ("HELLO", {"device_id": "office-2"})):
+        assert replies(d.send(d.office1, t, **fields), d.office1) == [("ERROR", "forbidden")], t
+    d.key_of[d.node] = "node-b"
+    out = d.send(d.node, "STORED", transfer_id=tid, hash=bytes(32), raw_len=MiB, wire_len=MiB)
+    assert replies(out, d.node) == [("ERROR", "forbidden")] and replies(out, d.office1) == []
+    assert tid in d.controller.transfers and d.controller.transfers[tid].state == "active"
+    assert d.controller.registry.session(*d.office1).device_id == "office-1"
+    d.key_of[d.office1], d.key_of[d.node] = "office-1", "node-a"  # its own key again: served as before
+    assert replies(d.send(d.office1, "PING", seq=2, sent_us=0), d.office1) == [("PONG", None)]
 
 
 # --- the agent's side of a refusal ------------------------------------------------------------

@@ -84,9 +84,15 @@ class Enrolment:
                            else session.node_id)
 
     def require_admitted(self, peer, session, frames) -> None:
-        """Raise `forbidden` for a revoked connection, or a sessionless message under a revoked key."""
+        """Raise `forbidden` for a revoked connection, a sessionless message under a revoked key,
+        or (under CURVE) a message whose User-Id is not the identity its session enrolled with:
+        authority rests on the key of every message, never on the routing id alone."""
         if self.revoked_peers and peer in self.revoked_peers:
             raise RequestError("the key of this connection is no longer listed", "forbidden")
+        if session is not None and not self.config.insecure:
+            enrolled = session.device_id if peer[0] == "agent" else session.node_id
+            if self.identify(frames) != enrolled:
+                raise RequestError("this message's key is not the one its session enrolled with", "forbidden")
         if session is None:
             revoked = self.revoked_names[peer[0]]
             if revoked and self.identify(frames) in revoked:
