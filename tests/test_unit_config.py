@@ -70,10 +70,14 @@ def test_bad_dataset_entry_names_its_position(tmp_path):
 
 @pytest.mark.parametrize("bad_id", ["../../etc", "a/b", "", "x" * 129, ".hidden"])
 def test_ids_that_could_become_paths_are_refused(tmp_path, bad_id):
+    # insecure: no key file is needed, so only the id can be what is refused
     path = tmp_path / "storage.yaml"
-    path.write_text(f"node_id: '{bad_id}'\n")
-    with pytest.raises(cfg.ConfigError):
+    path.write_text(f"insecure: true\nnode_id: '{bad_id}'\n")
+    with pytest.raises(cfg.ConfigError) as info:
         cfg.load(cfg.StorageConfig, path)
+    assert "node_id" in str(info.value) and "not a valid id" in str(info.value), info.value
+    path.write_text("insecure: true\nnode_id: node-a\n")
+    assert cfg.load(cfg.StorageConfig, path).node_id == "node-a"  # the same file with a good id loads
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path):

@@ -172,6 +172,29 @@ def test_deduplication_is_per_device(tmp_path):
 
 
 def test_commit_refuses_chunks_the_device_never_stored(tmp_path):
+    """The chunk is on disk, stored by another device: the file's presence must not count.
+    Negotiation asks this device for it (ownership, not the disk, decides), and a COMMIT that
+    skips it is refused and writes no manifest."""
+    node = make_node(tmp_path / "node")
+    raw = os.urandom(CHUNK)
+    name = blake3.blake3(raw).digest()
+    node.chunks.put(name, CHUNK, "raw", raw)
+    node.owners.add("other", name)  # stored by another device
+    node.send("OPEN", transfer_id="t-1", device_id="dev", dataset="ds", snapshot="s1", image_size=CHUNK,
+              chunk_size=CHUNK, chunk_count=1)
+    node.send("QUERY", transfer_id="t-1", start=0, hashes=[name])
+    node.settle()
+    assert [(m.t, m.get("missing")) for m in node.take_sent()] == [("OPENED", None), ("MISSING", [0])]
+    node.send("COMMIT", transfer_id="t-1", image_blake3=blake3.blake3(raw).digest())  # without sending it
+    node.settle()
+    assert node.chunks.path_for(name).exists(), "the chunk must be on disk: only ownership refuses it"
+    [error] = node.take_sent()
+    assert (error.t, error["code"]) == ("ERROR", "bad_state") and "still to be sent" in error["reason"]
+    assert not node.manifests.exists("dev", "ds", "s1")
+    assert not node.owners.owns("dev", name)
+
+
+def test_commit_refuses_a_chunk_gone_from_disk_since_negotiation(tmp_path):
     node = make_node(tmp_path / "node")
     raw = os.urandom(CHUNK)
     name = blake3.blake3(raw).digest()

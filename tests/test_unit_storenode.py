@@ -49,10 +49,18 @@ def test_stored_chunk_reads_back_verified(tmp_path):
 
 
 def test_manifest_paths_refuse_traversal(tmp_path):
+    """A manifest is planted where each bad id would lead, so without the id check the load
+    would succeed: only `bad_id` (not `not_found`) passes."""
+    from roles.storenode.manifests import Manifest
     manifests = ManifestStore(tmp_path)
+    planted = Manifest("dev", "planted", "s1", 4096, 4096, bytes(32), (None,)).to_bytes()
     for bad in ("../x", "a/b", "", ".."):
-        with pytest.raises(RequestError):
+        target = manifests.root / "dev" / bad / "s1.manifest"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(planted)
+        with pytest.raises(RequestError) as info:
             manifests.load("dev", bad, "s1")
+        assert info.value.code == "bad_id", (bad, info.value)
     assert not (tmp_path.parent / "x").exists()
 
 
