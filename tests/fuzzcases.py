@@ -67,3 +67,117 @@ def cases(seed: int, count: int, samples: list[list[bytes]] | None = None):
     samples = samples if samples is not None else valid_samples()
     for _ in range(count):
         yield mutate(rng, samples)
+
+
+# --- hostile messages of every type, from a registered session (issue 11) ----------------------------
+
+import msgpack  # noqa: E402
+
+from schemas.fields import Bin, Bool, Doc, Id, Int, ListOf, Str  # noqa: E402
+from schemas.messages import MESSAGES, PROTOCOL_VERSION  # noqa: E402
+
+MUTATIONS = ("valid", "valid", "at_limit", "past_limit", "wrong_type", "missing", "extra", "oversized",
+             "nested", "huge_map", "flipped", "payload")
+
+
+class Targets:
+    """What hostile messages aim at: ids of our own, and another device's transfer ids
+    (which must be refused and leave that device's transfers alone)."""
+
+    def __init__(self, device_id: str, others: list[str] = (), own: list[str] = ()):
+        self.device_id = device_id
+        self.others = list(others)  # another device's transfer ids
+        self.own = list(own)
+
+    def transfer_id(self, rng: random.Random) -> str:
+        pools = [p for p in (self.own, self.others, ["t-" + "%016x" % rng.getrandbits(64)]) if p]
+        return rng.choice(rng.choice(pools))
+
+
+def _value(rng: random.Random, name: str, ftype, targets: Targets):
+    if isinstance(ftype, Id):
+        if name == "transfer_id":
+            return targets.transfer_id(rng)
+        if name == "device_id":
+            return targets.device_id if rng.random() < 0.8 else "office-1"
+        if name == "node_id":
+            return targets.device_id
+        return rng.choice(("fs", "s1", "ds-%d" % rng.randrange(4)))
+    if isinstance(ftype, Bool):
+        return rng.random() < 0.5
+    if isinstance(ftype, Int):
+        if name == "chunk_size":
+            return 4096
+        if name in ("image_size", "window", "bytes", "raw_len", "wire_len", "total"):
+            return max(ftype.min, min(ftype.max, rng.choice((1, 4096, 65536, 1 << 20))))
+        return max(ftype.min, min(ftype.max, rng.randrange(0, 8)))
+    if isinstance(ftype, Str):
+        return rng.choice(ftype.choices) if ftype.choices else "x" * rng.randrange(1, 16)
+    if isinstance(ftype, Bin):
+        if ftype.nullable and rng.random() < 0.2:
+            return None
+        return rng.randbytes(ftype.size if ftype.size is not None else 16)
+    if isinstance(ftype, ListOf):
+        return [_value(rng, name, ftype.item, targets) for _ in range(rng.randrange(0, 4))]
+    if isinstance(ftype, Doc):
+        return {}
+    return None
+
+
+def _at_limit(ftype, past: bool):
+    extra = 1 if past else 0
+    if isinstance(ftype, Id):
+        return "a" * (128 + extra)
+    if isinstance(ftype, Int):
+        return ftype.max + extra
+    if isinstance(ftype, Str):
+        return "s" * (ftype.max_len + extra)
+    if isinstance(ftype, Bin):
+        return b"\x01" * ((ftype.size if ftype.size is not None else ftype.max_len) + extra)
+    if isinstance(ftype, ListOf):
+        return [_at_limit(ftype.item, False) for _ in range(ftype.max_items + extra)]
+    return [] if past else {}
+
+
+WRONG = ([1, 2], {"a": 1}, "str", -1, None, b"\x00" * 8, 2**64 - 1, True, 1.5)
+
+
+def hostile(rng: random.Random, t: str, targets: Targets) -> tuple[str, list[bytes]]:
+    """(mutation, frames): a message of type `t` built from its declaration, mutated one way."""
+    spec = MESSAGES[t]
+    fields = {name: _value(rng, name, ftype, targets) for name, ftype in spec.fields.items()
+              if ftype.required or rng.random() < 0.5}
+    low, high = spec.payload
+    payload = [rng.randbytes(rng.randrange(1, 256))] * low
+    if high and not low and rng.random() < 0.5:
+        payload = [rng.randbytes(rng.randrange(1, 256))]
+    mutation = rng.choice(MUTATIONS)
+    names = list(spec.fields)
+    if mutation in ("at_limit", "past_limit") and names:
+        name = rng.choice(names)
+        fields[name] = _at_limit(spec.fields[name], mutation == "past_limit")
+    elif mutation == "wrong_type" and names:
+        fields[rng.choice(names)] = rng.choice(WRONG)
+    elif mutation == "missing" and fields:
+        del fields[rng.choice(list(fields))]
+    elif mutation == "extra":
+        fields["x" + str(rng.randrange(100))] = 1
+    elif mutation == "oversized":
+        fields["pad"] = b"\0" * (spec.max_header + rng.randrange(1, 4096))
+    elif mutation == "nested":  # spliced in as bytes: msgpack's packer refuses to nest this deep
+        nested = (rng.choice(names) if names else "deep", rng.choice((50, 1100, 5000)))
+        fields.pop(nested[0], None)
+    elif mutation == "huge_map":
+        fields[rng.choice(names) if names else "map"] = {f"k{i}": i for i in range(rng.choice((17, 1000, 20000)))}
+    elif mutation == "payload":
+        payload = payload + [b"x"] * rng.randrange(1, 3) if rng.random() < 0.7 else []
+    header = msgpack.packb({"v": PROTOCOL_VERSION, "t": t, **fields}, use_bin_type=True)
+    if mutation == "nested":
+        name, depth = nested
+        header = bytes([header[0] + 1]) + header[1:] + msgpack.packb(name) + b"\x91" * depth + b"\xc0"
+    if mutation == "flipped":
+        raw = bytearray(header)
+        for _ in range(rng.randint(1, 3)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        header = bytes(raw)
+    return mutation, [header, *payload]
