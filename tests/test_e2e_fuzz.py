@@ -80,6 +80,7 @@ class Fuzzer:
             if msg.t == "ERROR":
                 assert msg["code"] in CODES and "Traceback" not in msg["reason"], msg
                 self.codes[msg["code"]] += 1
+                assert msg["code"] != "not_registered", f"{self.name}: a case reached no handler: {msg}"
             if until is not None and until(msg):
                 return
 
