@@ -34,6 +34,8 @@ CODES = {
     "commit_failed": "the manifest could not be committed",
     "conflict": "the snapshot exists with different content",
     "stalled": "the transfer made no acknowledged progress for too long",
+    "over_budget": "the device is over one of its budgets (e.g. restores_per_device)",
+    "catalog_mismatch": "the node's answer disagrees with the catalog's record of the snapshot",
     "internal": "an unexpected failure on the answering side",
 }
 

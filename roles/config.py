@@ -55,6 +55,11 @@ class BrokerConfig:
     transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024)
     finished_transfers_kept: int = _kind("int", 200, min=0)
     stall_timeout_ms: int = _kind("int", 60000, min=100)
+    # restores (roles/controller/restores.py): the most BLOCK bytes in flight per restore, whatever the
+    # agent asks; a restore with no progress this long is failed `stalled`; restores at once per device
+    restore_window: int = _kind("size", 64 * 1024 * 1024, min=64 * 1024)
+    restore_idle_timeout_ms: int = _kind("int", 60000, min=100)
+    restores_per_device: int = _kind("int", 4, min=1)
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     rpo_target: float = _kind("duration", 900.0, min=1)  # seconds: older newest commit = behind (status summary)
     list_page_size: int = _kind("int", 1000, min=1, max=10000)  # catalog rows per LIST_REPLY
@@ -78,6 +83,7 @@ class StorageConfig:
     fault_write_rate: int | None = _kind("rate", None)
     fault_fail_at_write: int = _kind("int", 0, min=0)
     fault_disk_capacity: int | None = _kind("optional_size", None)
+    fault_fail_at_read: int = _kind("int", 0, min=0)  # the Nth restore chunk read fails with EIO, once
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
@@ -117,6 +123,7 @@ class AgentConfig:
     connect_timeout_ms: int = _kind("int", 30000, min=100)
     park_timeout_ms: int = _kind("int", 600000, min=100)
     reply_timeout_ms: int = _kind("int", 120000, min=100)
+    restore_idle_timeout_ms: int = _kind("int", 60000, min=100)  # `restore` fails if no block comes this long
     fault_link_drop_rate: float = _kind("fraction", 0.0)
     fault_link_delay_ms: int = _kind("int", 0, min=0)
     fault_seed: int = _kind("int", 0)

@@ -3,8 +3,11 @@
 The driver around roles/appliance/restore.py's ImageWriter: one DEALER link
 (bus.link.DealerLink: HELLO, heartbeats, liveness), RESTORE once welcomed,
 then IMAGE and BLOCKs in order, each BLOCK's payload granted back as CREDIT
-until the image is complete. Any ERROR, a broker that goes silent, or no
-progress for `timeout_s` ends it with a RequestError naming why.
+until the image is complete. Any ERROR, a broker that goes silent, no
+answer within `connect_timeout_ms`, or no IMAGE or BLOCK for
+`restore_idle_timeout_ms` ends it with a RequestError naming why, and no
+output file. Only the stream counts as progress: a broker that keeps
+beating while the node's stream has stopped does not keep a restore alive.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from roles.process import MAX_POLL_MS, client_security
 from schemas import decode, encode, make
 from schemas.limits import max_frame_for
 
-RESTORE_WINDOW = 32 * 1024 * 1024
+RESTORE_WINDOW = 32 * 1024 * 1024  # asked for; the broker caps it at its restore_window
+STREAM_PROGRESS = frozenset({"ACCEPT", "IMAGE", "BLOCK"})
 
 
 def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_s: float | None = None) -> dict:
-    """Run a restore to completion; raises RequestError with a clear reason on failure."""
+    """Run a restore to completion; raises RequestError with a clear reason on failure.
+    `timeout_s`: how long the stream may stop (default: the config's restore_idle_timeout_ms)."""
     ctx = zmq.Context()
     secure = client_security(config)
     clock = MonotonicClock()
@@ -41,10 +46,11 @@ def restore(config: AgentConfig, dataset: str, snapshot: str, out: str, timeout_
     started = clock.now()
     link.connect(started)
     if timeout_s is None:
-        timeout_s = config.connect_timeout_ms / 1000
+        timeout_s = config.restore_idle_timeout_ms / 1000
     try:
         with ImageWriter(out) as writer:
-            return _restore_loop(link, writer, dataset, snapshot, out, timeout_s, clock, started)
+            return _restore_loop(link, writer, dataset, snapshot, out, (config.connect_timeout_ms / 1000, timeout_s),
+                                 clock, started)
     finally:
         link.close(bye=make("BYE"))
         ctx.term()
@@ -71,31 +77,35 @@ def _receive(link: DealerLink, now: float) -> list:
     return out
 
 
-def _restore_loop(link, writer, dataset, snapshot, out, timeout_s, clock, started) -> dict:
+def _restore_loop(link, writer, dataset, snapshot, out, timeouts, clock, started) -> dict:
+    connect_s, idle_s = timeouts
     transfer_id = None
     last_progress = clock.now()
     requested = False
     while True:
         t = clock.now()
-        if t - last_progress > timeout_s:
-            if not link.welcomed:
-                raise RequestError(f"no broker answered at {link.endpoint} for {timeout_s:.0f}s", "node_unavailable")
-            raise RequestError(f"the restore made no progress for {timeout_s:.0f}s", "internal")
+        if not link.welcomed and t - last_progress > connect_s:
+            raise RequestError(f"no broker answered at {link.endpoint} for {connect_s:.0f}s", "node_unavailable")
+        if link.welcomed and t - last_progress > idle_s:
+            what = "no block" if transfer_id is not None else "no answer to RESTORE"
+            raise RequestError(f"the restore stream stopped: {what} for {idle_s:g}s", "stalled")
         if link.next_deadline() <= t and link.on_time(t) == LOST:
             raise RequestError(f"broker {link.endpoint} does not answer", "node_unavailable")
         if link.welcomed and not requested:
             link.send(make("RESTORE", req=1, dataset=dataset, snapshot=snapshot, window=RESTORE_WINDOW), t)
             requested = True
+            last_progress = t
         wait_ms = max(0, min(MAX_POLL_MS, math.ceil((link.next_deadline() - t) * 1000)))
         if not link.sock.poll(wait_ms):
             continue
         for msg in _receive(link, clock.now()):
-            last_progress = clock.now()
             if msg.t == "ERROR":
                 raise RequestError(msg["reason"], msg["code"] if msg["code"] in CODES else "internal")
-            if msg.t == "ACCEPT":
+            if msg.t == "ACCEPT" and transfer_id is None:
                 transfer_id = msg["transfer_id"]
-            elif msg.t == "IMAGE" and msg["transfer_id"] == transfer_id:
+            if msg.t in STREAM_PROGRESS and msg["transfer_id"] == transfer_id:
+                last_progress = clock.now()  # only the stream is progress: heartbeats and pongs are not
+            if msg.t == "IMAGE" and msg["transfer_id"] == transfer_id:
                 writer.on_image(msg["image_size"], msg["chunk_size"], msg["chunk_count"], msg["image_blake3"])
             elif msg.t == "BLOCK" and msg["transfer_id"] == transfer_id:
                 credit = writer.on_block(msg["index"], msg["hash"], msg["raw_len"], msg["codec"],

@@ -38,7 +38,7 @@ class StorageProcess:
         if removed:
             logger.info("removed {} temporary files left by an interrupted write", removed)
         faults = DiskFaults(write_rate=config.fault_write_rate, fail_at_write=config.fault_fail_at_write,
-                            capacity=config.fault_disk_capacity)
+                            capacity=config.fault_disk_capacity, fail_at_read=config.fault_fail_at_read)
         chunks = ChunkStore(config.data_dir, write_hook=faults.before_write if faults.active else None)
         manifests = ManifestStore(config.data_dir, write_hook=chunks.write_hook)
         owners = DeviceChunks(config.data_dir, committed_chunks=lambda device: (
@@ -48,7 +48,8 @@ class StorageProcess:
         # before the loop runs: the first READY carries real figures, later ones the pool's
         self.core = StorageCore(config.node_id, config.window, chunks, manifests, owners,
                                 heartbeat_interval_s=interval_s, space=chunks.space(), now=self.clock.now(),
-                                chunks_on_disk=chunks.count())
+                                chunks_on_disk=chunks.count(),
+                                read_hook=faults.before_read if config.fault_fail_at_read else None)
         self.pools = {"store": TaskPool(config.store_threads, name="store"),
                       "image": TaskPool(1, name="image")}  # whole-image hashes, strictly in order
         self.ctx = zmq.Context()

@@ -7,6 +7,15 @@ grant back. `finish()` checks the whole-image blake3, fsyncs and renames to
 the final name; any failure removes the temporary file, so a wrong byte
 never leaves a FILE behind. The `speedsync restore` loop around it is
 roles/restore.py.
+
+The IMAGE it is given has been checked by the broker against the catalog's
+size, chunk count and blake3 (roles/controller/restores.py), so the
+whole-image check below is against what the catalog recorded at commit.
+
+The temporary file is created with O_CREAT|O_EXCL|O_NOFOLLOW: a file or a
+symlink someone planted at its name is never written through. A temporary
+left by a killed restore is removed when the next one starts (`__enter__`);
+unlinking a planted symlink removes the link, never its target.
 """
 
 from __future__ import annotations
@@ -33,11 +42,18 @@ class ImageWriter:
         self.chunk_size = 0
         self.image_size = 0
         self.next_index = 0
+        self.created = False  # the temporary file is ours (only then is it ours to remove)
 
     def on_image(self, image_size: int, chunk_size: int, chunk_count: int, image_blake3: bytes) -> None:
+        if self.fd is not None:
+            raise RequestError("a second IMAGE for one restore", "bad_state")
+        if ImageGeometry(image_size, chunk_size).chunk_count != chunk_count:
+            raise RequestError(f"{chunk_count} chunks of {chunk_size} bytes cannot make {image_size} bytes",
+                               "bad_field")
         self.image_size, self.chunk_size, self.chunk_count = image_size, chunk_size, chunk_count
         self.expected_blake3 = image_blake3
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.created = True
         os.ftruncate(self.fd, image_size)
 
     def on_block(self, index: int, name: bytes | None, raw_len: int, codec: str, payload) -> int:
@@ -74,9 +90,19 @@ class ImageWriter:
         os.close(self.fd)
         self.fd = None
         os.rename(self.tmp, self.out)
+        self.created = False
         fsync_dir(self.out.parent)
 
+    def remove_stale(self) -> bool:
+        """A temporary left by a restore that was killed: removed (a symlink: the link only)."""
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            return False
+        return True
+
     def __enter__(self) -> "ImageWriter":
+        self.remove_stale()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -87,4 +113,6 @@ class ImageWriter:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        self.tmp.unlink(missing_ok=True)
+        if self.created:
+            self.tmp.unlink(missing_ok=True)
+            self.created = False

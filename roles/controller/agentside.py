@@ -122,8 +122,11 @@ class AgentSide:
 
     def agent_RESTORE(self, session, msg, frames) -> None:
         self.require_own(session, msg)
-        t = Transfer(f"r-{uuid.uuid4().hex[:16]}", "restore", session.device_id, msg["dataset"], msg["snapshot"],
-                     "", session.routing, msg["req"], window=msg["window"], started_at=self.now)
+        tid = f"r-{uuid.uuid4().hex[:16]}"
+        ledger = self.restores.admit(tid, session.device_id, msg["window"], self.now)  # over_budget: nothing made
+        t = Transfer(tid, "restore", session.device_id, msg["dataset"], msg["snapshot"],
+                     "", session.routing, msg["req"], window=ledger.window, started_at=self.now,
+                     last_progress=self.now)
         self.add_transfer(t, session)
         self.out.append(Submit("catalog", ("restore", t.transfer_id), self.store.lookup, t.key))
 
@@ -144,6 +147,7 @@ class AgentSide:
             return
         advance(t, CATALOG, "found")
         t.node_id, t.image_size, t.chunk_count = node.node_id, entry["size"], entry["chunk_count"]
+        self.restores.found(t.transfer_id, entry)
         node.transfers.add(t.transfer_id)
         self.send(node, make("READ", transfer_id=t.transfer_id, device_id=t.device_id, dataset=t.dataset,
                              snapshot=t.snapshot, window=t.window))
@@ -201,7 +205,23 @@ class AgentSide:
                                                                                    session.device_id):
             return  # credit for blocks of a restore already complete: nothing left to grant it for
         t = self.owned(session, msg)
-        self.forward(self.node_of(t), frames, msg.t)
+        node = self.node_of(t)
+        # only bytes the agent received become the node's credit again (restores.py)
+        self.restores.acknowledged(t.transfer_id, node.node_id, msg["bytes"], self.now)
+        self.forward(node, frames, msg.t)
+
+    def restores_idle(self) -> None:
+        """Restores with no progress for restore_idle_timeout_ms: failed, agent and node told."""
+        for tid in self.restores.idle_due(self.now):
+            t = self.transfers.get(tid)
+            if t is None:
+                continue
+            node = self.registry.nodes_by_id.get(t.node_id)
+            if node is not None and t.state != "checking":
+                self.send(node, make("ABORT", transfer_id=tid))
+            exc = RequestError(f"restore made no progress for {self.restores.idle_timeout_s:g}s "
+                               f"({self.restores.in_flight(tid)} bytes unacknowledged)", "stalled")
+            self.interrupt(t, exc)
 
     def agent_ABORT(self, session, msg, frames) -> None:
         t = self.owned(session, msg)

@@ -32,6 +32,7 @@ from roles.controller.enrolment import Enrolment
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
 from roles.controller.registry import Registry
+from roles.controller.restores import RestoreCredit
 from roles.controller.transfers import WATCHED_STATES, Transfer, count_in, finish
 from schemas import error_message, make
 
@@ -83,6 +84,8 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness,
                                  config.idle_heartbeat_interval_ms / 1000)
         self.credit = CreditScheduler()
+        self.restores = RestoreCredit(config.restore_window, config.restore_idle_timeout_ms / 1000,
+                                      config.restores_per_device)
         self.placement = Placement(index)
         self.history = History(config.finished_transfers_kept)
         self.transfers: dict[str, Transfer] = {}
@@ -159,13 +162,15 @@ class Controller(AgentSide, NodeSide, Enrolment):
                 self.node_lost(session, "silent past heartbeat liveness")
         for tid in self.stalls.pop_due(now):
             self.watch_stall(tid)
+        self.restores_idle()
         self.flush_records()
         return self.out
 
     def next_deadline(self) -> float | None:
         if self.rows_waiting and not self.batch_in_flight:
             return self.now  # rows to hand the catalog: at the end of this turn
-        due = [d for d in (self.registry.next_due(), self.stalls.next_due()) if d is not None]
+        due = [d for d in (self.registry.next_due(), self.stalls.next_due(), self.restores.next_due())
+               if d is not None]
         return min(due) if due else None
 
     def statistics(self) -> ControllerStatistics:
@@ -269,6 +274,8 @@ class Controller(AgentSide, NodeSide, Enrolment):
         if state in ("aborted", "parked", "error") and node is not None and told_node:
             self.send(node, make("ABORT", transfer_id=t.transfer_id))
         released = t.ledger.release_all()
+        if t.kind == "restore":
+            self.restores.release(t.transfer_id, t.node_id, t.device_id)
         was = t.state
         finish(t, state, reason, self.now)
         self.finished_by_state[state] += 1

@@ -143,14 +143,30 @@ class NodeSide:
 
     def node_IMAGE(self, node, msg, frames) -> None:
         t = self.placed(node, msg)
+        try:  # the catalog's size, chunk count and blake3, never the node's word (restores.py)
+            extra = self.restores.image(t.transfer_id, msg["image_size"], msg["chunk_size"], msg["chunk_count"],
+                                        msg["image_blake3"], self.now)
+        except RequestError as exc:
+            self.violation(t, exc)
+            raise
+        t.window = self.restores.window(t.transfer_id)
+        t.chunk_size = msg["chunk_size"]
         self.to_agent(t, frames=frames, name=msg.t)
+        if extra:
+            self.send(node, make("CREDIT", transfer_id=t.transfer_id, bytes=extra))
         if msg["chunk_count"] == 0:
             self.finish(t, "restored")
 
     def node_BLOCK(self, node, msg, frames) -> None:
         t = self.placed(node, msg)
+        payload_len = len(msg.payload[0]) if msg.payload else 0
+        try:
+            self.restores.block(t.transfer_id, node.node_id, payload_len, self.now)
+        except RequestError as exc:
+            self.violation(t, exc)
+            raise
         t.bytes_done += msg["raw_len"]
-        t.bytes_sent += len(msg.payload[0]) if msg.payload else 0
+        t.bytes_sent += payload_len
         self.to_agent(t, frames=frames, name=msg.t)
         if msg["index"] >= t.chunk_count - 1:
             self.finish(t, "restored")
@@ -167,7 +183,10 @@ class NodeSide:
             wire_len, _ = t.ledger.done(msg["hash"])
             self.credit.release(node.node_id, wire_len)
             self.serve_waiting(node)
-        if msg["code"] == "storage_error":
+        if t.kind == "restore":
+            # a read error (EIO, a missing or damaged chunk file) fails this restore only
+            self.finish(t, "failed", f"{msg['code']}: {msg['reason']}")
+        elif msg["code"] == "storage_error":
             # The node's disk failed or filled: nothing was acknowledged that
             # is not on disk; park until the agent offers it again.
             self.finish(t, "parked", f"{msg['code']}: {msg['reason']}")

@@ -61,6 +61,13 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
     shown_agents = agents[:cap]
     known = len(registry.known_devices) if device_id is None else len(agents)
     transfers = [t.status() for t in islice(live, cap)]
+    restores = controller.restores
+    for entry in transfers:
+        if entry["kind"] == "restore":  # BLOCK bytes forwarded and not yet acknowledged by the agent
+            entry["in_flight_bytes"] = restores.in_flight(entry["transfer_id"])
+            entry["window"] = restores.window(entry["transfer_id"])
+    for entry in storage:
+        entry["restore_in_flight_bytes"] = restores.node_in_flight.get(entry["node_id"], 0)
     transfers += ended[:cap - len(transfers)]
     total_transfers = (len(controller.transfers) if device_id is None else len(live)) + len(ended)
     head = summary(controller, wall_now)
@@ -73,5 +80,6 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
         "transfers": transfers,
         "broker": {"rss_bytes": figures.get("rss_bytes", 0), "dropped_messages": figures.get("dropped_messages", 0),
                    "errors_by_code": dict(controller.errors_by_code), "active_transfers": len(controller.transfers),
+                   "restore_in_flight_bytes": sum(restores.node_in_flight.values()),
                    "max_chunk_size": MAX_CHUNK_SIZE},
     }

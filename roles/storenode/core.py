@@ -72,7 +72,8 @@ def absent_chunks(chunks, names: tuple) -> frozenset:
 
 class StorageCore(CommitPath):
     def __init__(self, node_id: str, window: int, chunks, manifests, owners, *, heartbeat_interval_s: float,
-                 space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S, chunks_on_disk: int = 0):
+                 space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S, chunks_on_disk: int = 0,
+                 read_hook=None):
         self.node_id = node_id
         self.window = window
         self.chunks = chunks
@@ -85,7 +86,7 @@ class StorageCore(CommitPath):
         self.in_flight = DeviceInFlight()
         self.assembler = PieceAssembler()
         self.hashes = ImageHashes(chunks, manifests)  # its methods run on the image thread only
-        self.pump = RestorePump(chunks)
+        self.pump = RestorePump(chunks, read_hook)
         self.deadlines = Deadlines()
         self.deadlines.schedule("space", now + heartbeat_interval_s)
         self.store_pending = 0

@@ -42,9 +42,12 @@ class ReadSession:
         return self.next_index >= self.manifest.chunk_count
 
 
-def read_block(chunks, index: int, name: bytes) -> tuple:
-    """On a store thread: the chunk file as stored; errors name the chunk index."""
+def read_block(chunks, index: int, name: bytes, read_hook=None) -> tuple:
+    """On a store thread: the chunk file as stored; errors name the chunk index.
+    `read_hook()` runs first (the fault component's, in tests); it may raise OSError."""
     try:
+        if read_hook is not None:
+            read_hook()
         return chunks.read_stored(name)
     except RequestError as exc:
         raise RequestError(f"chunk {index}: {exc.reason}", exc.code) from None
@@ -53,8 +56,9 @@ def read_block(chunks, index: int, name: bytes) -> tuple:
 
 
 class RestorePump:
-    def __init__(self, chunks):
+    def __init__(self, chunks, read_hook=None):
         self._chunks = chunks
+        self._read_hook = read_hook
         self.sessions: dict[str, ReadSession] = {}
         self._opening: dict[str, int] = {}  # transfer id -> credit that came while the manifest loads
         self.blocks_sent = 0
@@ -151,6 +155,6 @@ class RestorePump:
                 continue
             if not session.reading:
                 session.reading = True
-                out.append(Submit("store", ("block", tid, index), read_block, (self._chunks, index, name)))
+                out.append(Submit("store", ("block", tid, index), read_block, (self._chunks, index, name, self._read_hook)))
             break
         return out
