@@ -5,6 +5,18 @@ digits. A chunk file is an 8-byte header (magic `SC`, format 1, codec,
 raw length) and the chunk as it travelled (zstd or raw), so a restore sends
 it back without recompressing. `put` verifies the bytes against their name
 before anything touches the disk.
+
+A chunk new to the uploading device is written, fsync'd and renamed into
+place even when its file is already on disk (another device stored it):
+the same verified bytes replace the old copy by the same `write_durable`
+a new chunk takes. STORED then costs what a real write of that chunk costs,
+because it is one, so its timing cannot tell a device that someone else
+holds this content (DESIGN.md: negotiation is per device). It also makes the
+name durable before STORED: this put's own rename and directory fsync, not
+another thread's that may still be under way. The price is a write per
+(device, chunk) rather than per chunk; the disk still keeps one copy. The
+256 `<hh>` directories are made at start, so no first chunk of a
+directory pays a mkdir the others do not.
 """
 
 from __future__ import annotations
@@ -14,14 +26,17 @@ from pathlib import Path
 
 from bus.errors import RequestError
 from roles.chunkdata import decode_and_verify, pack_chunk_header, parse_chunk_file
-from roles.durable import write_durable
+from roles.durable import PLAIN, DiskIO, make_dirs, make_subdirs, write_durable
+
+SUBDIRS = tuple(f"{i:02x}" for i in range(256))
 
 
 class ChunkStore:
-    def __init__(self, root: str | os.PathLike, write_hook=None):
+    def __init__(self, root: str | os.PathLike, write_hook=None, io: DiskIO = PLAIN):
         self.root = Path(root) / "chunks"
-        self.root.mkdir(parents=True, exist_ok=True)
         self.write_hook = write_hook
+        self.io = io
+        make_subdirs(self.root, SUBDIRS, io)
 
     def path_for(self, name: bytes) -> Path:
         hexname = name.hex()
@@ -39,15 +54,15 @@ class ChunkStore:
         return self.store(name, raw_len, codec, payload)[0]
 
     def store(self, name: bytes, raw_len: int, codec: str, payload) -> tuple[bytes, int]:
-        """`put`, and how many payload bytes it wrote: 0 if the chunk was already stored."""
+        """`put`, and how many payload bytes it added: 0 if the chunk's file was there already
+        (it is rewritten all the same: see the module's doc)."""
         raw = decode_and_verify(codec, payload, raw_len, name)
         path = self.path_for(name)
-        if path.exists():
-            return raw, 0
-        path.parent.mkdir(exist_ok=True)
+        existed = path.exists()
+        make_dirs(path.parent, self.io)  # made at start: a stat, unless someone removed it
         header = pack_chunk_header(codec, raw_len)
-        write_durable(path, [header, payload], self.write_hook)
-        return raw, len(payload)
+        write_durable(path, [header, payload], self.write_hook, io=self.io)
+        return raw, 0 if existed else len(payload)
 
     def count(self) -> int:
         """Chunk files on disk (a walk of the store: at start, before the loop runs)."""
