@@ -42,6 +42,7 @@ class StorageProcess:
             manifest_errors=config.fault_manifest_errors, sync_log=config.fault_sync_log)
         io = faults if faults.active else PLAIN
         chunks = ChunkStore(config.data_dir, io=io)
+        chunks.reap(everything=True)
         manifests = ManifestStore(config.data_dir, io=io,
                                   write_hook=faults.before_manifest_write if faults.manifest_errors else None)
         owners = DeviceChunks(config.data_dir, committed_chunks=lambda device: (

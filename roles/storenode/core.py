@@ -44,7 +44,7 @@ SESSION_IDLE_S = 600.0
 # what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
                                              "READ", "CREDIT")}}
-STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space"})
+STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap"})
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,8 @@ class StorageCore(CommitPath):
         self._handlers = {t: getattr(self, name) for t, name in DISPATCH["broker"].items()}
         self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
-                             "commit": self._committed, "hash": self._ignore, "drop": self._ignore}
+                             "commit": self._committed, "hash": self._ignore, "drop": self._ignore,
+                             "reap": self._ignore}
 
     # --- the link ------------------------------------------------------------------
 
@@ -164,6 +165,8 @@ class StorageCore(CommitPath):
                 if not self._space_pending:
                     self._space_pending = True
                     self._store(out, ("space",), self.chunks.space)
+                    # the write-shaped copies of chunks already stored, in a batch on no STORED's path
+                    self._store(out, ("reap",), self.chunks.reap)
             elif key[0] == "idle":
                 self._expire_upload(key[1], now, out)
             elif key[0] == "read-idle":

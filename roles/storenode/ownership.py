@@ -13,14 +13,17 @@ nobody can attribute. A failed or short write is cut back to the last whole
 record: a torn record in the middle would shift every later one. At most
 `log_handles` logs are open at once (least recently used closed first), so
 a node that has seen any number of devices does not run out of descriptors;
-if the process runs out all the same (EMFILE), the pool gives back half its
-handles and tries once more.
+the pool never takes more than a quarter of the process's descriptor limit
+(RLIMIT_NOFILE), leaving the rest to chunk writes and sockets. If the process
+runs out all the same (EMFILE), the pool gives back half its handles and
+tries once more.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import resource
 from collections import OrderedDict
 from pathlib import Path
 
@@ -39,7 +42,8 @@ class LogHandles:
         if limit < 1:
             raise ValueError("log handle limit must be at least 1")
         self.root = root
-        self.limit = limit
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.limit = limit if soft == resource.RLIM_INFINITY else max(1, min(limit, soft // 4))
         self._write_hook = write_hook
         self._open: OrderedDict[str, list] = OrderedDict()  # device -> [fd, size], least recent first
 
