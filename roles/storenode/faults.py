@@ -90,21 +90,21 @@ class DiskFaults(DiskIO):
             os.write(self._sync_fd, (line + "\n").encode())  # O_APPEND: whole lines, across threads
 
     def fsync(self, fd: int) -> None:
-        os.fsync(fd)
+        super().fsync(fd)  # the plain one, as without faults; then the record
         if self._sync_fd is not None:
             kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
             self._record(f"fsync {kind} {os.readlink(f'/proc/self/fd/{fd}')}")
 
     def rename(self, src, dst) -> None:
-        os.rename(src, dst)
+        super().rename(src, dst)
         self._record(f"rename {_real(src)} {_real(dst)}")
 
     def link(self, src, dst) -> None:
-        os.link(src, dst)
+        super().link(src, dst)
         self._record(f"link {_real(src)} {_real(dst)}")
 
     def mkdir(self, path) -> None:
-        os.mkdir(path, 0o755)
+        super().mkdir(path)
         self._record(f"mkdir {_real(path)}")
 
     def close(self) -> None:
