@@ -84,6 +84,10 @@ class StorageConfig:
     fault_fail_at_write: int = _kind("int", 0, min=0)
     fault_disk_capacity: int | None = _kind("optional_size", None)
     fault_fail_at_read: int = _kind("int", 0, min=0)  # the Nth restore chunk read fails with EIO, once
+    fault_log_capacity: int | None = _kind("optional_size", None)  # ownership-log bytes before ENOSPC
+    fault_manifest_errors: int = _kind("int", 0, min=0)  # the first N manifest writes fail with EIO
+    fault_sync_log: str = _kind("path", "")  # a line per fsync, rename, link and mkdir made durable
+    owner_log_handles: int = _kind("int", 256, min=1, max=65536)  # ownership logs open at once (LRU)
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)

@@ -19,7 +19,7 @@ from bus.link import DealerLink
 from bus.loop import Loop
 from bus.pipeline import TaskPool
 from roles.config import StorageConfig
-from roles.durable import remove_temp_files
+from roles.durable import PLAIN, remove_temp_files
 from roles import metrics
 from roles.process import StopFlag, client_security
 from roles.storenode.chunkstore import ChunkStore
@@ -37,12 +37,20 @@ class StorageProcess:
         removed = remove_temp_files(config.data_dir) if os.path.isdir(config.data_dir) else 0
         if removed:
             logger.info("removed {} temporary files left by an interrupted write", removed)
-        faults = DiskFaults(write_rate=config.fault_write_rate, fail_at_write=config.fault_fail_at_write,
-                            capacity=config.fault_disk_capacity, fail_at_read=config.fault_fail_at_read)
-        chunks = ChunkStore(config.data_dir, write_hook=faults.before_write if faults.active else None)
-        manifests = ManifestStore(config.data_dir, write_hook=chunks.write_hook)
+        self.faults = faults = DiskFaults(
+            write_rate=config.fault_write_rate, fail_at_write=config.fault_fail_at_write,
+            capacity=config.fault_disk_capacity, log_capacity=config.fault_log_capacity,
+            manifest_errors=config.fault_manifest_errors,
+            fail_at_read=config.fault_fail_at_read, sync_log=config.fault_sync_log)
+        io = faults if faults.active else PLAIN
+        chunks = ChunkStore(config.data_dir, io=io)
+        chunks.reap(everything=True)
+        manifests = ManifestStore(config.data_dir, io=io,
+                                  write_hook=faults.before_manifest_write if faults.manifest_errors else None)
         owners = DeviceChunks(config.data_dir, committed_chunks=lambda device: (
-            name for manifest in manifests.all_for_device(device) for name in manifest.chunks))
+            name for manifest in manifests.all_for_device(device) for name in manifest.chunks),
+            log_handles=config.owner_log_handles,
+            write_hook=faults.before_log_write if faults.log_capacity is not None else None, io=io)
         self.clock = MonotonicClock()
         interval_s = config.heartbeat_interval_ms / 1000
         # before the loop runs: the first READY carries real figures, later ones the pool's
@@ -79,6 +87,7 @@ class StorageProcess:
         finally:
             self.metrics.close()
             self.core.close()
+            self.faults.close()
             for pool in self.pools.values():
                 pool.close()
             self.link.close(say_bye=False)

@@ -5,23 +5,48 @@ digits. A chunk file is an 8-byte header (magic `SC`, format 1, codec,
 raw length) and the chunk as it travelled (zstd or raw), so a restore sends
 it back without recompressing. `put` verifies the bytes against their name
 before anything touches the disk.
+
+No dedup timing signal. A chunk new to the uploading device is written
+durably even when its file is already on disk (another device stored it):
+the same verified bytes go through the same `write_durable` a new chunk
+takes (create, write, fsync, rename to a name that did not exist, fsync
+the directory), under a fresh "copy" name beside the chunk file. STORED then
+costs a real write of that chunk, because it is one, so its timing cannot
+tell a device that someone else holds this content (DESIGN.md: negotiation
+is per device). Renaming the copy over the existing file would be the same
+write plus freeing the old file's blocks, measurably slower (bench/timing.py),
+a signal of its own; so the copy keeps its own name and `reap()`, run by the
+node on its space timer, off every STORED path, removes the copies in a
+batch. The price is a write per (device, chunk) rather than per chunk; the
+disk keeps one copy. The copy's directory fsync also makes the chunk's own
+name durable before STORED, whichever thread renamed it (its rename is
+done: the file was seen). The 256 `<hh>` directories are made at start, so
+no first chunk of a directory pays a mkdir the others do not.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import uuid
 from pathlib import Path
 
 from bus.errors import RequestError
 from roles.chunkdata import decode_and_verify, pack_chunk_header, parse_chunk_file
-from roles.durable import write_durable
+from roles.durable import PLAIN, DiskIO, make_dirs, make_subdirs, write_durable
+
+SUBDIRS = tuple(f"{i:02x}" for i in range(256))
+COPY_SUFFIX = ".copy"  # the write-shaped copy of a chunk already stored, until reap() removes it
 
 
 class ChunkStore:
-    def __init__(self, root: str | os.PathLike, write_hook=None):
+    def __init__(self, root: str | os.PathLike, write_hook=None, io: DiskIO = PLAIN):
         self.root = Path(root) / "chunks"
-        self.root.mkdir(parents=True, exist_ok=True)
         self.write_hook = write_hook
+        self.io = io
+        make_subdirs(self.root, SUBDIRS, io)
+        self._copies: list[Path] = []  # appended by store threads, taken by reap()
+        self._copies_lock = threading.Lock()
 
     def path_for(self, name: bytes) -> Path:
         hexname = name.hex()
@@ -39,15 +64,32 @@ class ChunkStore:
         return self.store(name, raw_len, codec, payload)[0]
 
     def store(self, name: bytes, raw_len: int, codec: str, payload) -> tuple[bytes, int]:
-        """`put`, and how many payload bytes it wrote: 0 if the chunk was already stored."""
+        """`put`, and how many payload bytes it added: 0 if the chunk's file was there already
+        (it is rewritten all the same: see the module's doc)."""
         raw = decode_and_verify(codec, payload, raw_len, name)
         path = self.path_for(name)
-        if path.exists():
-            return raw, 0
-        path.parent.mkdir(exist_ok=True)
+        existed = path.exists()
+        target = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{COPY_SUFFIX}") if existed else path
+        make_dirs(path.parent, self.io)  # made at start: a stat, unless someone removed it
         header = pack_chunk_header(codec, raw_len)
-        write_durable(path, [header, payload], self.write_hook)
+        write_durable(target, [header, payload], self.write_hook, io=self.io)
+        if existed:
+            with self._copies_lock:
+                self._copies.append(target)
+            return raw, 0
         return raw, len(payload)
+
+    def reap(self, everything: bool = False) -> int:
+        """Remove the copies `store` left; with `everything`, any on disk too (a crash's, at start).
+        Returns how many. On a store thread, never on a STORED's path."""
+        with self._copies_lock:
+            copies, self._copies = self._copies, []
+        if everything:
+            copies = [Path(entry.path) for sub in SUBDIRS for entry in os.scandir(self.root / sub)
+                      if entry.name.endswith(COPY_SUFFIX)]
+        for copy in copies:
+            copy.unlink(missing_ok=True)
+        return len(copies)
 
     def count(self) -> int:
         """Chunk files on disk (a walk of the store: at start, before the loop runs)."""

@@ -5,7 +5,8 @@ COMMIT, in order: the manifest is complete (every slice, every chunk asked
 for stored); chunks this upload depends on (another upload of the device is
 sending them) are stored, or it waits for them (waiting_on_peer) and is
 rechecked on that device's STORED or closed uploads only; the store pool
-checks the snapshot is not stored with other content and that every chunk
+checks the snapshot is not stored with other content (a committed manifest
+is never overwritten; the same one again is idempotent) and that every chunk
 file is on disk; the image thread checks the whole-image blake3 and saves
 the manifest durably; then COMMITTED. Any refusal is an ERROR ref COMMIT.
 """
@@ -16,6 +17,7 @@ from loguru import logger
 
 from bus.effects import Send, Submit
 from bus.errors import RequestError
+from roles.storenode.manifests import conflict as conflict_error, same_content
 from roles.storenode.restores import BROKER
 from roles.storenode.transitions import UPLOAD_TRANSITIONS as UPLOAD, advance, fail
 from schemas import make
@@ -28,7 +30,7 @@ def check_commit(manifests, chunks, manifest) -> tuple[bool, bool]:
     conflict = False
     if manifests.exists(manifest.device_id, manifest.dataset, manifest.snapshot):
         existing = manifests.load(manifest.device_id, manifest.dataset, manifest.snapshot)
-        conflict = manifest.image_blake3 is not None and existing.image_blake3 != manifest.image_blake3
+        conflict = not same_content(existing, manifest)
     present = all(chunks.has(name) for name in set(manifest.chunks) if name is not None)
     return conflict, present
 
@@ -100,8 +102,7 @@ class CommitPath:
         manifest = session.manifest()
         if conflict:
             self._close_upload(tid, out)
-            self._error(out, RequestError(f"{manifest.dataset}/{manifest.snapshot} is stored with other content",
-                                          "conflict"), "COMMIT", transfer_id=tid)
+            self._error(out, conflict_error(manifest), "COMMIT", transfer_id=tid)
             return
         owns = self._owns(session.device_id)
         if not present or not all(owns(name) for name in manifest.chunks if name is not None):

@@ -16,7 +16,7 @@ it are applied (UploadSession.record_slice requires the manifest in order).
 A COMMIT that comes while slices are pending waits behind them.
 
 Timers are Deadlines: each session's idle check (lazy: a message only moves
-`last_activity`), the space refresh, and the ownership-log flush.
+`last_activity`) and the space refresh.
 """
 
 from __future__ import annotations
@@ -41,11 +41,10 @@ SOFTWARE = "speedsync-storage/0.1"
 # Sessions no broker has touched this long are orphans (the broker restarted,
 # or parked them and the node missed the ABORT): forget them.
 SESSION_IDLE_S = 600.0
-FLUSH_S = 0.2  # the ownership log's buffer reaches the OS this soon after a chunk is stored
 # what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
                                              "READ", "CREDIT")}}
-STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space"})
+STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap"})
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,8 @@ class StorageCore(CommitPath):
         self._handlers = {t: getattr(self, name) for t, name in DISPATCH["broker"].items()}
         self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
-                             "commit": self._committed, "hash": self._ignore, "drop": self._ignore}
+                             "commit": self._committed, "hash": self._ignore, "drop": self._ignore,
+                             "reap": self._ignore}
 
     # --- the link ------------------------------------------------------------------
 
@@ -161,13 +161,13 @@ class StorageCore(CommitPath):
     def on_time(self, now: float) -> list:
         out: list = []
         for key in self.deadlines.pop_due(now):
-            if key == "flush":
-                self.owners.flush()
-            elif key == "space":
+            if key == "space":
                 self.deadlines.schedule("space", now + self.interval_s)
                 if not self._space_pending:
                     self._space_pending = True
                     self._store(out, ("space",), self.chunks.space)
+                    # the write-shaped copies of chunks already stored, in a batch on no STORED's path
+                    self._store(out, ("reap",), self.chunks.reap)
             elif key[0] == "idle":
                 self._expire_upload(key[1], now, out)
             elif key[0] == "read-idle":
@@ -228,6 +228,7 @@ class StorageCore(CommitPath):
     def on_OPEN(self, msg, now: float, out: list) -> None:
         tid = msg["transfer_id"]
         if tid not in self.uploads:
+            self.owners.load(msg["device_id"])  # read now, off the later paths; RequestError(storage_error)
             self.uploads[tid] = UploadSession(
                 tid, msg["device_id"], msg["dataset"], msg["snapshot"], msg["image_size"], msg["chunk_size"],
                 msg["chunk_count"], last_activity=now)
@@ -336,15 +337,20 @@ class StorageCore(CommitPath):
             self._error(out, error, "CHUNK", transfer_id=tid, hash=name)
             return
         result, written = result
+        session = self.uploads.get(tid)
+        if session is not None:
+            try:
+                self.owners.add(session.device_id, name)
+            except (OSError, RequestError) as exc:  # the chunk is on disk; the upload parks, the node serves on
+                logger.error("ownership log of {} failed: {}", session.device_id, exc)
+                reason = exc.reason if isinstance(exc, RequestError) else f"ownership log: {describe(exc)}"
+                self._error(out, RequestError(reason, "storage_error"), "CHUNK", transfer_id=tid, hash=name)
+                return
         self.chunks_stored += 1
         if written:
             self.chunks_on_disk += 1
             self.stored_bytes += written
-        session = self.uploads.get(tid)
         if session is not None:
-            self.owners.add(session.device_id, name)
-            if "flush" not in self.deadlines:
-                self.deadlines.schedule("flush", now + FLUSH_S)
             was_awaited = name in session.awaiting
             session.stored(name, result)
             if was_awaited:

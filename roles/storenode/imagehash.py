@@ -44,6 +44,8 @@ class ImageHashes:
                 hash_pieces(hashing.hasher, self._chunks, pieces)
             except RequestError as exc:
                 hashing.error = exc  # raised at commit
+            except OSError as exc:  # a chunk unreadable: the upload parks at commit, the node serves on
+                hashing.error = RequestError(f"chunk read failed: {exc.strerror or exc}", "storage_error")
 
     def digest(self, transfer_id: str) -> bytes:
         """The image's blake3 so far, and the transfer forgotten; raises its first error."""

@@ -4,6 +4,10 @@
 chunk names (None for an all-zero chunk) and the whole-image blake3. Ids are
 validated by the schema before they reach here; `_path` checks again because
 a path is the last line of defence.
+
+A committed manifest is never overwritten: saving one that exists with
+other content is refused (`conflict`), the same content again is a no-op;
+the file is linked into place, so even two savers racing cannot replace it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import msgpack
 
 from bus.errors import RequestError
 from roles.geometry import ImageGeometry
-from roles.durable import write_durable
+from roles.durable import PLAIN, DiskIO, make_dirs, write_durable
 from schemas import is_valid_id
 
 
@@ -55,11 +59,23 @@ class Manifest:
                    d["image_blake3"], tuple(d["chunks"]))
 
 
+def same_content(existing: Manifest, manifest: Manifest) -> bool:
+    """The same snapshot: geometry, chunk names, and the blake3 unless the new one has none yet."""
+    return (existing.image_size == manifest.image_size and existing.chunk_size == manifest.chunk_size
+            and tuple(existing.chunks) == tuple(manifest.chunks)
+            and manifest.image_blake3 in (None, existing.image_blake3))
+
+
+def conflict(manifest: Manifest) -> RequestError:
+    return RequestError(f"{manifest.dataset}/{manifest.snapshot} is stored with other content", "conflict")
+
+
 class ManifestStore:
-    def __init__(self, root: str | os.PathLike, write_hook=None):
+    def __init__(self, root: str | os.PathLike, write_hook=None, io: DiskIO = PLAIN):
         self.write_hook = write_hook
+        self.io = io
         self.root = Path(root) / "manifests"
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root, io)
 
     def _path(self, device_id: str, dataset: str, snapshot: str) -> Path:
         for value in (device_id, dataset, snapshot):
@@ -68,9 +84,15 @@ class ManifestStore:
         return self.root / device_id / dataset / f"{snapshot}.manifest"
 
     def save(self, manifest: Manifest) -> None:
+        """Durably; RequestError(conflict) if the snapshot is stored with other content."""
         path = self._path(manifest.device_id, manifest.dataset, manifest.snapshot)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_durable(path, [manifest.to_bytes()], self.write_hook)
+        make_dirs(path.parent, self.io)
+        try:
+            write_durable(path, [manifest.to_bytes()], self.write_hook, io=self.io, replace=False)
+        except FileExistsError:
+            existing = self.load(manifest.device_id, manifest.dataset, manifest.snapshot)
+            if not same_content(existing, manifest):
+                raise conflict(manifest) from None
 
     def load(self, device_id: str, dataset: str, snapshot: str) -> Manifest:
         path = self._path(device_id, dataset, snapshot)

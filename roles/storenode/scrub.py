@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bus.errors import RequestError
 from roles.chunkdata import decode_and_verify, parse_chunk_file
+from roles.durable import fsync_dir, make_dirs
 from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.manifests import Manifest, ManifestStore
 
@@ -68,9 +69,11 @@ def scrub(data_dir: str | os.PathLike) -> ScrubReport:
             report.chunks_checked += 1
             reason = _check_chunk(path)
             if reason is not None:
-                quarantine.mkdir(exist_ok=True)
+                make_dirs(quarantine)
                 target = quarantine / path.name
                 os.replace(path, target)
+                fsync_dir(quarantine)
+                fsync_dir(sub)
                 report.damaged_chunks.append({"chunk": path.name, "reason": reason,
                                               "quarantined_to": str(target)})
     for path in sorted(manifests.root.glob("*/*/*.manifest")):
