@@ -35,6 +35,10 @@ CODES = {
     "conflict": "the snapshot exists with different content",
     "stalled": "the transfer made no acknowledged progress for too long",
     "internal": "an unexpected failure on the answering side",
+    "over_budget": "the device holds as many uploads as its budget allows (device_uploads_max)",
+    "rate_limited": "the device sent QUERY slices faster than query_rate",
+    "image_too_large": "the image is larger than the chosen node's free space not yet reserved",
+    "quota_exceeded": "the device's stored bytes would exceed its quota",
 }
 
 

@@ -14,6 +14,7 @@ from loguru import logger
 
 from bus.effects import Submit
 from bus.errors import RequestError
+from roles.controller.budgets import check_image_fits
 from roles.controller.transfers import AGENT, CATALOG, Transfer, advance
 from roles.geometry import ImageGeometry
 from schemas import error_message, make
@@ -67,6 +68,7 @@ class AgentSide:
         stale = self.uploads_by_key.get((device, dataset, snapshot))
         if stale is not None:
             self.finish(stale, "aborted", "offered again")
+        self.budgets.admit_upload(device)
         window = max(self.config.transfer_window, 2 * msg["chunk_size"] + 65536)
         t = Transfer(f"t-{uuid.uuid4().hex[:16]}", "upload", device, dataset, snapshot, "", session.routing,
                      msg["req"], image_size=msg["image_size"], chunk_size=msg["chunk_size"],
@@ -74,10 +76,12 @@ class AgentSide:
         t.ledger.window = window
         try:
             t.node_id = self.placement.choose(device, dataset, self.registry.nodes_by_id)
+            check_image_fits(t.image_size, self.registry.nodes_by_id[t.node_id])
         except RequestError as exc:
             t.refusal = exc
             t.node_id = self.placement.node_for(device, dataset) or ""
         self.add_transfer(t, session)
+        self.budgets.upload_started(device)
         if t.refusal is None:
             node = self.registry.nodes_by_id[t.node_id]
             node.reserved_bytes += t.image_size
@@ -176,6 +180,9 @@ class AgentSide:
         return node
 
     def agent_QUERY(self, session, msg, frames) -> None:
+        # Limited before the node sees it: every slice costs the node a lookup
+        # per name and the image thread a hash of each zero chunk it names.
+        self.budgets.admit_query(session.device_id, self.now)
         t = self.owned(session, msg)
         self.forward(self.node_of(t), frames, msg.t)
 

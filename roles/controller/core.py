@@ -24,6 +24,7 @@ from bus.deadlines import Deadlines
 from bus.effects import Forward, Send, Submit
 from bus.errors import RequestError
 from roles.controller import status as status_doc
+from roles.controller.budgets import DeviceBudgets
 from roles.controller.credit import CreditScheduler
 from roles.controller.history import History
 from roles.controller.lastcommit import LastCommits
@@ -83,6 +84,7 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.registry = Registry(config.heartbeat_interval_ms / 1000, config.heartbeat_liveness,
                                  config.idle_heartbeat_interval_ms / 1000)
         self.credit = CreditScheduler()
+        self.budgets = DeviceBudgets(config.device_uploads_max, config.query_rate, config.query_burst)
         self.placement = Placement(index)
         self.history = History(config.finished_transfers_kept)
         self.transfers: dict[str, Transfer] = {}
@@ -276,6 +278,8 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.stalls.cancel(t.transfer_id)
         if self.uploads_by_key.get(t.key) is t:
             del self.uploads_by_key[t.key]
+        if t.kind == "upload":
+            self.budgets.upload_ended(t.device_id)
         if record:
             self.history.ended(t)
         agent = self.registry.agents.get(t.agent_routing)

@@ -73,8 +73,7 @@ class NodeSide:
         self.to_agent(t, make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=t.node_id, committed=False))
 
     def node_MISSING(self, node, msg, frames) -> None:
-        t = self.placed(node, msg)
-        t.last_progress = self.now
+        t = self.placed(node, msg)  # not progress: only STORED and COMMITTED feed the watchdog
         geometry = t.geometry
         missing_raw = sum(geometry.chunk_len(i) for i in msg["missing"])
         t.ledger.demand += missing_raw
