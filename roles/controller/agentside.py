@@ -73,7 +73,7 @@ class AgentSide:
         t = Transfer(f"t-{uuid.uuid4().hex[:16]}", "upload", device, dataset, snapshot, "", session.routing,
                      msg["req"], image_size=msg["image_size"], chunk_size=msg["chunk_size"],
                      chunk_count=msg["chunk_count"], window=window, started_at=self.now, last_progress=self.now)
-        t.ledger.window = window
+        t.ledger.window, t.ledger.device = window, device
         try:
             t.node_id = self.placement.choose(device, dataset, self.registry.nodes_by_id)
             check_image_fits(t.image_size, self.registry.nodes_by_id[t.node_id])
@@ -199,7 +199,7 @@ class AgentSide:
         t = self.owned(session, msg)
         node = self.node_of(t)
         t.last_progress = self.now
-        self.credit.release(node.node_id, t.ledger.release_holding())
+        self.credit.release(node.node_id, t.ledger.release_holding(), t.device_id)
         self.serve_waiting(node)
         self.forward(node, frames, msg.t)
 

@@ -289,8 +289,8 @@ class Controller(AgentSide, NodeSide, Enrolment):
                 self.registry.busy(agent, False)
         if t.kind == "upload" and t.refusal is None:
             self.placement.release(t.device_id, t.dataset)
-        self.credit.forget(t.node_id, t.transfer_id)
-        self.credit.release(t.node_id, released)  # to the node's pool even if its session is gone
+        self.credit.forget(t.node_id, t.transfer_id, t.device_id)
+        self.credit.release(t.node_id, released, t.device_id)  # to the node's pool even if its session is gone
         if node is not None:
             node.transfers.discard(t.transfer_id)
             if t.kind == "upload" and t.refusal is None:

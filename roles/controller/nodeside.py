@@ -86,10 +86,10 @@ class NodeSide:
         t.last_progress = self.now
         wire_len, raw_len = t.ledger.done(msg["hash"])
         t.bytes_done += raw_len
-        self.credit.release(node.node_id, wire_len)
+        self.credit.release(node.node_id, wire_len, t.device_id)
         self.to_agent(t, frames=frames, name=msg.t)
         self.serve_waiting(node)  # those already waiting go first
-        if not self.credit.is_waiting(node.node_id, t.transfer_id):
+        if not self.credit.is_waiting(node.node_id, t.transfer_id, t.device_id):
             self.grant_credit(node, t)
 
     def node_COMMITTED(self, node, msg, frames) -> None:
@@ -164,7 +164,7 @@ class NodeSide:
         self.to_agent(t, frames=frames, name=msg.t)
         if msg.get("ref") == "CHUNK" and msg.get("hash") is not None:
             wire_len, _ = t.ledger.done(msg["hash"])
-            self.credit.release(node.node_id, wire_len)
+            self.credit.release(node.node_id, wire_len, t.device_id)
             self.serve_waiting(node)
         if msg["code"] == "storage_error":
             # The node's disk failed or filled: nothing was acknowledged that
