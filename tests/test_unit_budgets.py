@@ -42,3 +42,25 @@ def test_an_image_larger_than_the_nodes_unreserved_free_space_is_refused():
     with pytest.raises(RequestError) as exc:
         check_image_fits(61, node)
     assert exc.value.code == "image_too_large"
+
+
+def _offer(device, snapshot):
+    from roles.controller.transfers import Transfer
+    return Transfer(f"p-{device}-{snapshot}", "upload", device, "ds", snapshot, "", b"r", 0)
+
+
+def test_parked_offers_are_capped_per_device_and_expire():
+    from roles.controller.history import History
+
+    history = History(keep=10, parked_per_device=3, parked_ttl=100.0)
+    for i in range(10):
+        history.park(_offer("evil", f"s{i}"), "no node", now=float(i))
+    history.park(_offer("honest", "s0"), "no node", now=9.5)
+    evil = [k for k in history.parked if k[0] == "evil"]
+    assert [k[2] for k in evil] == ["s7", "s8", "s9"], "the device's oldest give way"
+    assert ("honest", "ds", "s0") in history.parked, "another device's entry stays"
+    history.expire(107.5)
+    assert [k[2] for k in history.parked] == ["s8", "s9", "s0"]
+    assert history.next_expiry() == 108.0
+    history.expire(1000.0)
+    assert not history.parked and not history.parked_by_device and not history.parked_at

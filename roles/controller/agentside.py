@@ -122,7 +122,7 @@ class AgentSide:
     def park_offer(self, t: Transfer, reason: str) -> None:
         parked = Transfer(f"p-{uuid.uuid4().hex[:16]}", "upload", t.device_id, t.dataset, t.snapshot, t.node_id,
                           t.agent_routing, t.req, image_size=t.image_size, started_at=self.now)
-        self.history.park(parked, reason)
+        self.history.park(parked, reason, self.now)
 
     def agent_RESTORE(self, session, msg, frames) -> None:
         self.require_own(session, msg)

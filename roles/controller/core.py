@@ -86,7 +86,7 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.credit = CreditScheduler()
         self.budgets = DeviceBudgets(config.device_uploads_max, config.query_rate, config.query_burst)
         self.placement = Placement(index)
-        self.history = History(config.finished_transfers_kept)
+        self.history = History(config.finished_transfers_kept, config.device_parked_max, config.parked_ttl)
         self.transfers: dict[str, Transfer] = {}
         self.uploads_by_key: dict[tuple, Transfer] = {}  # (device, dataset, snapshot) -> upload in progress
         self.stalls = Deadlines()
@@ -161,13 +161,15 @@ class Controller(AgentSide, NodeSide, Enrolment):
                 self.node_lost(session, "silent past heartbeat liveness")
         for tid in self.stalls.pop_due(now):
             self.watch_stall(tid)
+        self.history.expire(now)
         self.flush_records()
         return self.out
 
     def next_deadline(self) -> float | None:
         if self.rows_waiting and not self.batch_in_flight:
             return self.now  # rows to hand the catalog: at the end of this turn
-        due = [d for d in (self.registry.next_due(), self.stalls.next_due()) if d is not None]
+        due = [d for d in (self.registry.next_due(), self.stalls.next_due(), self.history.next_expiry())
+               if d is not None]
         return min(due) if due else None
 
     def statistics(self) -> ControllerStatistics:
