@@ -37,6 +37,10 @@ CODES = {
     "over_budget": "the device is over one of its budgets (e.g. restores_per_device)",
     "catalog_mismatch": "the node's answer disagrees with the catalog's record of the snapshot",
     "internal": "an unexpected failure on the answering side",
+    "over_budget": "the device holds as many uploads as its budget allows (device_uploads_max)",
+    "rate_limited": "the device sent QUERY slices faster than query_rate",
+    "image_too_large": "the image is larger than the chosen node's free space not yet reserved",
+    "quota_exceeded": "the device's stored bytes would exceed its quota",
 }
 
 

@@ -60,6 +60,12 @@ class BrokerConfig:
     restore_window: int = _kind("size", 64 * 1024 * 1024, min=64 * 1024)
     restore_idle_timeout_ms: int = _kind("int", 60000, min=100)
     restores_per_device: int = _kind("int", 4, min=1)
+    # per-device budgets (roles/controller/budgets.py): a device past one gets an ERROR, nobody else notices
+    device_uploads_max: int = _kind("int", 16, min=1, max=100000)  # uploads in progress per device (over_budget)
+    query_rate: int = _kind("int", 200, min=1)  # QUERY slices per second per device (rate_limited)
+    device_parked_max: int = _kind("int", 100, min=1)  # parked offers kept per device (its oldest gives way)
+    parked_ttl: float = _kind("duration", 86400.0, min=1)  # a parked offer not offered again is forgotten after this
+    query_burst: int = _kind("int", 400, min=1)  # QUERY slices a device may send at once
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     rpo_target: float = _kind("duration", 900.0, min=1)  # seconds: older newest commit = behind (status summary)
     list_page_size: int = _kind("int", 1000, min=1, max=10000)  # catalog rows per LIST_REPLY

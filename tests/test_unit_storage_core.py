@@ -282,3 +282,19 @@ def test_upload_state_is_assigned_only_in_the_transitions_table():
         if path.name != "transitions.py":
             assert not re.search(r"\bstate\s*=(?!=)", path.read_text()), path
     assert UploadSession("t", "d", "ds", "s", CHUNK, CHUNK, 1).state == "open"
+
+
+def test_upload_sessions_per_device_are_capped_on_the_node(tmp_path):
+    from roles.storenode.core import DEVICE_SESSIONS_MAX
+
+    node = CoreNode(tmp_path)
+    for i in range(DEVICE_SESSIONS_MAX):
+        open_upload(node, f"t-{i}", device="evil")
+    node.send("OPEN", transfer_id="t-over", device_id="evil", dataset="ds", snapshot="s", image_size=CHUNK,
+              chunk_size=CHUNK, chunk_count=1)
+    assert [code for code, _, _ in errors(node)] == ["over_budget"]
+    assert "t-over" not in node.core.uploads
+    open_upload(node, "t-honest", device="honest")  # another device is not refused
+    node.send("ABORT", transfer_id="t-0")
+    node.take_sent()
+    open_upload(node, "t-again", device="evil")  # one closed: room again

@@ -14,6 +14,7 @@ from loguru import logger
 
 from bus.effects import Submit
 from bus.errors import RequestError
+from roles.controller.budgets import check_image_fits
 from roles.controller.transfers import AGENT, CATALOG, Transfer, advance
 from roles.geometry import ImageGeometry
 from schemas import error_message, make
@@ -67,17 +68,20 @@ class AgentSide:
         stale = self.uploads_by_key.get((device, dataset, snapshot))
         if stale is not None:
             self.finish(stale, "aborted", "offered again")
+        self.budgets.admit_upload(device)
         window = max(self.config.transfer_window, 2 * msg["chunk_size"] + 65536)
         t = Transfer(f"t-{uuid.uuid4().hex[:16]}", "upload", device, dataset, snapshot, "", session.routing,
                      msg["req"], image_size=msg["image_size"], chunk_size=msg["chunk_size"],
                      chunk_count=msg["chunk_count"], window=window, started_at=self.now, last_progress=self.now)
-        t.ledger.window = window
+        t.ledger.window, t.ledger.device = window, device
         try:
             t.node_id = self.placement.choose(device, dataset, self.registry.nodes_by_id)
+            check_image_fits(t.image_size, self.registry.nodes_by_id[t.node_id])
         except RequestError as exc:
             t.refusal = exc
             t.node_id = self.placement.node_for(device, dataset) or ""
         self.add_transfer(t, session)
+        self.budgets.upload_started(device)
         if t.refusal is None:
             node = self.registry.nodes_by_id[t.node_id]
             node.reserved_bytes += t.image_size
@@ -118,7 +122,7 @@ class AgentSide:
     def park_offer(self, t: Transfer, reason: str) -> None:
         parked = Transfer(f"p-{uuid.uuid4().hex[:16]}", "upload", t.device_id, t.dataset, t.snapshot, t.node_id,
                           t.agent_routing, t.req, image_size=t.image_size, started_at=self.now)
-        self.history.park(parked, reason)
+        self.history.park(parked, reason, self.now)
 
     def agent_RESTORE(self, session, msg, frames) -> None:
         self.require_own(session, msg)
@@ -180,6 +184,9 @@ class AgentSide:
         return node
 
     def agent_QUERY(self, session, msg, frames) -> None:
+        # Limited before the node sees it: every slice costs the node a lookup
+        # per name and the image thread a hash of each zero chunk it names.
+        self.budgets.admit_query(session.device_id, self.now)
         t = self.owned(session, msg)
         self.forward(self.node_of(t), frames, msg.t)
 
@@ -196,7 +203,7 @@ class AgentSide:
         t = self.owned(session, msg)
         node = self.node_of(t)
         t.last_progress = self.now
-        self.credit.release(node.node_id, t.ledger.release_holding())
+        self.credit.release(node.node_id, t.ledger.release_holding(), t.device_id)
         self.serve_waiting(node)
         self.forward(node, frames, msg.t)
 

@@ -24,6 +24,7 @@ from bus.deadlines import Deadlines
 from bus.effects import Forward, Send, Submit
 from bus.errors import RequestError
 from roles.controller import status as status_doc
+from roles.controller.budgets import DeviceBudgets
 from roles.controller.credit import CreditScheduler
 from roles.controller.history import History
 from roles.controller.lastcommit import LastCommits
@@ -86,8 +87,9 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.credit = CreditScheduler()
         self.restores = RestoreCredit(config.restore_window, config.restore_idle_timeout_ms / 1000,
                                       config.restores_per_device)
+        self.budgets = DeviceBudgets(config.device_uploads_max, config.query_rate, config.query_burst)
         self.placement = Placement(index)
-        self.history = History(config.finished_transfers_kept)
+        self.history = History(config.finished_transfers_kept, config.device_parked_max, config.parked_ttl)
         self.transfers: dict[str, Transfer] = {}
         self.uploads_by_key: dict[tuple, Transfer] = {}  # (device, dataset, snapshot) -> upload in progress
         self.stalls = Deadlines()
@@ -163,13 +165,15 @@ class Controller(AgentSide, NodeSide, Enrolment):
         for tid in self.stalls.pop_due(now):
             self.watch_stall(tid)
         self.restores_idle()
+        self.history.expire(now)
         self.flush_records()
         return self.out
 
     def next_deadline(self) -> float | None:
         if self.rows_waiting and not self.batch_in_flight:
             return self.now  # rows to hand the catalog: at the end of this turn
-        due = [d for d in (self.registry.next_due(), self.stalls.next_due(), self.restores.next_due())
+        due = [d for d in (self.registry.next_due(), self.stalls.next_due(), self.restores.next_due(),
+                           self.history.next_expiry())
                if d is not None]
         return min(due) if due else None
 
@@ -283,6 +287,8 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.stalls.cancel(t.transfer_id)
         if self.uploads_by_key.get(t.key) is t:
             del self.uploads_by_key[t.key]
+        if t.kind == "upload":
+            self.budgets.upload_ended(t.device_id)
         if record:
             self.history.ended(t)
         agent = self.registry.agents.get(t.agent_routing)
@@ -292,8 +298,8 @@ class Controller(AgentSide, NodeSide, Enrolment):
                 self.registry.busy(agent, False)
         if t.kind == "upload" and t.refusal is None:
             self.placement.release(t.device_id, t.dataset)
-        self.credit.forget(t.node_id, t.transfer_id)
-        self.credit.release(t.node_id, released)  # to the node's pool even if its session is gone
+        self.credit.forget(t.node_id, t.transfer_id, t.device_id)
+        self.credit.release(t.node_id, released, t.device_id)  # to the node's pool even if its session is gone
         if node is not None:
             node.transfers.discard(t.transfer_id)
             if t.kind == "upload" and t.refusal is None:

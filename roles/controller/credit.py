@@ -12,15 +12,20 @@ flight until the node's STORED (or refusal) returns it. So for every node
     sum(holding + in_flight_bytes of its uploads) == pool.outstanding <= W
 
 and a slow node slows its senders instead of growing the broker's memory.
-An upload short of credit waits in its node's FIFO (`hungry`), served as
-credit returns: O(uploads served) per STORED, fair by wait. Payload bytes
+Fair shares by device: a device may hold at most `window / devices`
+of a node's credit, counting the devices that hold some or wait for some,
+so one device's eight uploads and another's one share the node 1:1 while
+both are busy, and one device alone may use all of it. An upload short of
+credit waits under its device; waiting devices are served round robin
+(a device served goes to the back), and within a device its uploads
+oldest first: O(devices waiting) per STORED. Payload bytes
 never exceed raw bytes (agents send a chunk raw when compression does not
 help), so raw demand bounds wire credit.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from bus.credit import CreditPool
@@ -39,6 +44,7 @@ class UploadLedger:
     in_flight: dict = field(default_factory=dict)  # chunk name -> [wire_len, raw_len]
     in_flight_bytes: int = 0
     chunks_received: int = 0
+    device: str = ""  # whose share this upload's credit counts against
 
     def wanted(self) -> int:
         room = self.window - self.in_flight_bytes - self.holding
@@ -86,7 +92,13 @@ class UploadLedger:
 @dataclass
 class NodeCredit:
     pool: CreditPool
-    hungry: OrderedDict = field(default_factory=OrderedDict)  # transfer id -> None, oldest wait first
+    # device -> {transfer id: None}, oldest wait first; device order is the round robin
+    hungry: OrderedDict = field(default_factory=OrderedDict)
+    held: Counter = field(default_factory=Counter)  # device -> credit outstanding (holding + in flight)
+
+    def share(self, device: str) -> int:
+        devices = len(self.held.keys() | self.hungry.keys() | {device})
+        return self.pool.window // devices
 
 
 class CreditScheduler:
@@ -98,49 +110,75 @@ class CreditScheduler:
         return credit.pool
 
     def grant(self, node_id: str, transfer_id: str, ledger: UploadLedger, chunk_size: int) -> int:
-        """Credit for one upload now; 0 (and the upload queued) when the node's pool is short."""
+        """Credit for one upload now; 0 (and the upload queued) when the node's pool,
+        or its device's share of it, is short."""
         node = self.nodes.get(node_id)
         wanted = ledger.wanted()
         if node is None or wanted <= 0:
             return 0
+        device = ledger.device
+        smallest = min(wanted, chunk_size + PIECE_SLACK)
         # At least a whole chunk's worth, so credit never fragments into slivers no chunk fits in.
-        if node.pool.free < min(wanted, chunk_size + PIECE_SLACK):
-            node.hungry.setdefault(transfer_id, None)
+        room = max(node.share(device) - node.held[device], smallest if not node.held[device] else 0)
+        wanted = min(wanted, room)
+        if wanted < smallest or node.pool.free < smallest:
+            node.hungry.setdefault(device, OrderedDict()).setdefault(transfer_id, None)
             return 0
-        granted = node.pool.take(wanted)
+        granted = node.pool.take(min(wanted, node.pool.free))
         ledger.holding += granted
+        node.held[device] += granted
         return granted
 
-    def is_waiting(self, node_id: str, transfer_id: str) -> bool:
+    def is_waiting(self, node_id: str, transfer_id: str, device: str = "") -> bool:
         node = self.nodes.get(node_id)
-        return node is not None and transfer_id in node.hungry
+        if node is None:
+            return False
+        return any(transfer_id in tids for tids in node.hungry.values()) if not device else \
+            transfer_id in node.hungry.get(device, ())
 
     def serve_waiting(self, node_id: str, lookup) -> list:
-        """Hand freed credit to waiting uploads, oldest first: [(transfer, granted)].
+        """Hand freed credit to waiting uploads, device by device round robin: [(transfer, granted)].
         `lookup(tid)` gives the live upload or None (finished meanwhile)."""
         node = self.nodes.get(node_id)
         out = []
-        while node is not None and node.hungry and node.pool.free > 0:
-            tid = next(iter(node.hungry))
-            del node.hungry[tid]
+        stuck = 0  # devices in a row that could not be served
+        while node is not None and node.hungry and node.pool.free > 0 and stuck < len(node.hungry):
+            device, tids = next(iter(node.hungry.items()))
+            tid = next(iter(tids))
+            del tids[tid]
+            if not tids:
+                del node.hungry[device]
             t = lookup(tid)
             if t is None:
                 continue
             granted = self.grant(node_id, tid, t.ledger, t.chunk_size)
             if granted:
                 out.append((t, granted))
-            elif tid in node.hungry:  # still short: it keeps its place at the head
-                node.hungry.move_to_end(tid, last=False)
-                break
+                stuck = 0
+                if device in node.hungry:
+                    node.hungry.move_to_end(device)
+            elif tid in node.hungry.get(device, ()):  # still short: it keeps its place at its device's head...
+                node.hungry[device].move_to_end(tid, last=False)
+                node.hungry.move_to_end(device)  # ...and the next device is tried
+                stuck += 1
         return out
 
-    def release(self, node_id: str, n: int) -> None:
+    def release(self, node_id: str, n: int, device: str = "") -> None:
         node = self.nodes.get(node_id)
         if node is not None and n:
             node.pool.release(n)
+            left = node.held[device] - n
+            if left > 0:
+                node.held[device] = left
+            else:
+                node.held.pop(device, None)
 
-    def forget(self, node_id: str, transfer_id: str) -> None:
+    def forget(self, node_id: str, transfer_id: str, device: str = "") -> None:
         node = self.nodes.get(node_id)
-        if node is not None:
-            node.hungry.pop(transfer_id, None)
-
+        if node is None:
+            return
+        tids = node.hungry.get(device)
+        if tids is not None:
+            tids.pop(transfer_id, None)
+            if not tids:
+                del node.hungry[device]

@@ -73,8 +73,7 @@ class NodeSide:
         self.to_agent(t, make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=t.node_id, committed=False))
 
     def node_MISSING(self, node, msg, frames) -> None:
-        t = self.placed(node, msg)
-        t.last_progress = self.now
+        t = self.placed(node, msg)  # not progress: only STORED and COMMITTED feed the watchdog
         geometry = t.geometry
         missing_raw = sum(geometry.chunk_len(i) for i in msg["missing"])
         t.ledger.demand += missing_raw
@@ -87,10 +86,10 @@ class NodeSide:
         t.last_progress = self.now
         wire_len, raw_len = t.ledger.done(msg["hash"])
         t.bytes_done += raw_len
-        self.credit.release(node.node_id, wire_len)
+        self.credit.release(node.node_id, wire_len, t.device_id)
         self.to_agent(t, frames=frames, name=msg.t)
         self.serve_waiting(node)  # those already waiting go first
-        if not self.credit.is_waiting(node.node_id, t.transfer_id):
+        if not self.credit.is_waiting(node.node_id, t.transfer_id, t.device_id):
             self.grant_credit(node, t)
 
     def node_COMMITTED(self, node, msg, frames) -> None:
@@ -181,7 +180,7 @@ class NodeSide:
         self.to_agent(t, frames=frames, name=msg.t)
         if msg.get("ref") == "CHUNK" and msg.get("hash") is not None:
             wire_len, _ = t.ledger.done(msg["hash"])
-            self.credit.release(node.node_id, wire_len)
+            self.credit.release(node.node_id, wire_len, t.device_id)
             self.serve_waiting(node)
         if t.kind == "restore":
             # a read error (EIO, a missing or damaged chunk file) fails this restore only

@@ -145,6 +145,11 @@ class CommitPath:
         self.assembler.forget(tid)
         if session is None:
             return None
+        left = self.sessions_per_device.get(session.device_id, 0) - 1
+        if left > 0:
+            self.sessions_per_device[session.device_id] = left
+        else:
+            self.sessions_per_device.pop(session.device_id, None)
         hashed = session.state == "committed"  # the image thread forgot it at finish
         advance(session, UPLOAD, "ABORT")
         self.deadlines.cancel(("idle", tid))

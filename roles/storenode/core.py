@@ -41,6 +41,9 @@ SOFTWARE = "speedsync-storage/0.1"
 # Sessions no broker has touched this long are orphans (the broker restarted,
 # or parked them and the node missed the ABORT): forget them.
 SESSION_IDLE_S = 600.0
+# Open upload sessions one device may hold on this node (the broker's device_uploads_max is the
+# first line; this one holds even for a broker that is wrong or several brokers together).
+DEVICE_SESSIONS_MAX = 64
 # what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
                                              "READ", "CREDIT")}}
@@ -83,6 +86,7 @@ class StorageCore(CommitPath):
         self.space = space  # (free, used), refreshed on the store pool
         self.uploads: dict[str, UploadSession] = {}
         self.in_flight = DeviceInFlight()
+        self.sessions_per_device: dict[str, int] = {}  # open upload sessions by device
         self.assembler = PieceAssembler()
         self.hashes = ImageHashes(chunks, manifests)  # its methods run on the image thread only
         self.pump = RestorePump(chunks, read_hook)
@@ -229,6 +233,11 @@ class StorageCore(CommitPath):
         tid = msg["transfer_id"]
         if tid not in self.uploads:
             self.owners.load(msg["device_id"])  # read now, off the later paths; RequestError(storage_error)
+            device = msg["device_id"]
+            if self.sessions_per_device.get(device, 0) >= DEVICE_SESSIONS_MAX:
+                raise RequestError(f"device {device} holds {DEVICE_SESSIONS_MAX} upload sessions on this node",
+                                   "over_budget")
+            self.sessions_per_device[device] = self.sessions_per_device.get(device, 0) + 1
             self.uploads[tid] = UploadSession(
                 tid, msg["device_id"], msg["dataset"], msg["snapshot"], msg["image_size"], msg["chunk_size"],
                 msg["chunk_count"], last_activity=now)

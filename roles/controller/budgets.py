@@ -1,0 +1,81 @@
+"""Per-device budgets on the broker: what one device may hold at once.
+
+Theory of operation: every device is possibly hostile, so each thing a
+device can make the broker or a node hold is counted per device and refused
+past its budget with a stable code, before anything is allocated:
+
+- uploads in progress (`device_uploads_max`): `over_budget`;
+- QUERY slices, a token bucket per device (`query_rate` slices per second,
+  a burst of `query_burst`): `rate_limited`;
+- an `image_size` past the chosen node's free space (what is not yet
+  reserved for uploads in progress): `image_too_large`.
+
+Refusing one device changes nothing for another: the counters are keyed by
+device, and a refusal allocates nothing. O(1) per message; a device's entry
+leaves when its count returns to zero.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from bus.errors import RequestError
+
+
+@dataclass
+class TokenBucket:
+    tokens: float
+    stamp: float
+
+
+class DeviceBudgets:
+    def __init__(self, uploads_max: int, query_rate: float, query_burst: int):
+        self.uploads_max = uploads_max
+        self.query_rate = query_rate
+        self.query_burst = query_burst
+        self.uploads: Counter = Counter()  # device -> uploads in progress
+        self._queries: dict[str, TokenBucket] = {}
+
+    def admit_upload(self, device: str) -> None:
+        """Raises over_budget before anything is allocated for the OFFER."""
+        if self.uploads[device] >= self.uploads_max:
+            raise RequestError(f"device {device} has {self.uploads[device]} uploads in progress "
+                               f"(device_uploads_max {self.uploads_max})", "over_budget")
+
+    def upload_started(self, device: str) -> None:
+        self.uploads[device] += 1
+
+    def upload_ended(self, device: str) -> None:
+        left = self.uploads[device] - 1
+        if left > 0:
+            self.uploads[device] = left
+        else:
+            self.uploads.pop(device, None)
+
+    def admit_query(self, device: str, now: float) -> None:
+        """One QUERY slice from `device`; raises rate_limited past its rate."""
+        bucket = self._queries.get(device)
+        if bucket is None:
+            bucket = self._queries[device] = TokenBucket(float(self.query_burst), now)
+        bucket.tokens = min(float(self.query_burst), bucket.tokens + (now - bucket.stamp) * self.query_rate)
+        bucket.stamp = now
+        if bucket.tokens < 1.0:
+            raise RequestError(f"more than {self.query_rate:g} QUERY slices per second (query_rate)",
+                               "rate_limited")
+        bucket.tokens -= 1.0
+        if bucket.tokens >= self.query_burst and device not in self.uploads:
+            del self._queries[device]
+
+    def forget_device(self, device: str) -> None:
+        """A full bucket is the same as none: keep the table to devices with uploads."""
+        if device not in self.uploads:
+            self._queries.pop(device, None)
+
+
+def check_image_fits(image_size: int, node) -> None:
+    """An image no larger than the node's free space not yet reserved: raises image_too_large."""
+    room = max(0, node.free_bytes - node.reserved_bytes)
+    if image_size > room:
+        raise RequestError(f"image of {image_size} bytes exceeds the {room} bytes free on node {node.node_id}",
+                           "image_too_large")
