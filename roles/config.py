@@ -117,6 +117,9 @@ class AgentConfig:
     wire_window: int = _kind("size", 16 * 1024 * 1024, min=64 * 1024)
     yield_target_ms: int = _kind("int", 25, min=1)
     read_limit: int | None = _kind("rate", None, min=1)
+    # .changes sidecar check: unchanged chunks read and compared with the previous manifest, per snapshot
+    cbt_sample_chunks: int = _kind("int", 4, min=1)
+    cbt_sample_fraction: float = _kind("fraction", 0.002)  # of the unchanged chunks, when that is more
     status_bind: str = _kind("endpoint_or_empty", "")
     threads: int = _kind("int", 2, min=1)
     compress_level: int = _kind("int", 1, min=-5, max=22)
