@@ -15,7 +15,10 @@ removed (its connections may use the old key) and added again.
 
 One key may speak for one identity only: a key listed for two roles (a
 device and a node), or under two names, is a conflict. At start a conflict
-or an unreadable file is a configuration error (the broker does not start).
+or a missing directory is a configuration error (the broker does not start);
+a malformed or unreadable key file is only that one key refused (named in
+`skipped`, which the broker logs as a warning): one bad file must not keep
+every other device out.
 On a rescan the conflicting key is refused everywhere and named in a
 problem; a file that cannot be read keeps the key it had (an operator's
 copy in progress must not revoke a device), and a new unreadable file waits
@@ -62,6 +65,7 @@ class ScanResult:
     keys: KeySets
     changes: dict  # domain -> (added names, removed names); only domains that changed
     problems: list  # human sentences: conflicts, unreadable files, missing directories
+    skipped: list = field(default_factory=list)  # the sentences of `problems` that name one unreadable key file
 
 
 def read_public(path: str) -> bytes:
@@ -110,15 +114,17 @@ class KeyScanner:
         self.files_read = 0  # key files parsed, over every scan (unchanged files are not read again)
 
     def scan(self, strict: bool = False) -> ScanResult:
-        """Read the directories; `strict` (at start) raises KeyFileError on any problem."""
+        """Read the directories; `strict` (at start) raises KeyFileError on a conflict or a missing
+        directory (a malformed key file is only skipped: see `ScanResult.skipped`)."""
         problems: list[str] = []
+        skipped: list[str] = []
         by_path: dict[str, dict] = {}
         seen_files = set()
         for domain, directory in self.directories.items():
             if not directory:
                 by_path[domain] = {}
                 continue
-            listed = self._list(directory, problems, seen_files)
+            listed = self._list(directory, problems, seen_files, skipped)
             if listed is None:  # gone: keep what it held
                 by_path[domain] = {name: (f"{directory}/{name}.key", key)
                                    for name, keys in self.last.by_name.get(domain, {}).items() for key in keys}
@@ -128,13 +134,14 @@ class KeyScanner:
             if path not in seen_files:
                 del self._files[path]
         keys = self._tables(by_path, problems)
-        if strict and problems:
-            raise KeyFileError("; ".join(problems))
-        result = ScanResult(keys, changes(self.last, keys), problems)
+        fatal = [p for p in problems if p not in skipped]
+        if strict and fatal:
+            raise KeyFileError("; ".join(fatal))
+        result = ScanResult(keys, changes(self.last, keys), problems, skipped)
         self.last = keys
         return result
 
-    def _list(self, directory: str, problems: list, seen: set) -> dict | None:
+    def _list(self, directory: str, problems: list, seen: set, skipped: list) -> dict | None:
         """{name: (path, raw key)} of one directory, or None if it cannot be listed."""
         out = {}
         try:
@@ -161,6 +168,7 @@ class KeyScanner:
                 key = read_public(path)
             except KeyFileError as exc:
                 problems.append(str(exc))
+                skipped.append(str(exc))
                 if cached is not None:  # half-written? keep the key it had until it reads again
                     out[entry.name[:-4]] = (path, cached[1])
                 continue

@@ -163,14 +163,18 @@ class Authenticator:
 
     `scan()` may run on any one thread at a time (a pool thread: 10,000 key
     files must not stall the loop); `install(result)` swaps the handler's
-    table. At start (`__init__`) a conflict or an unreadable key is a
+    table. At start (`__init__`) a conflict or a missing directory is a
     KeyFileError: a key may not appear in two roles, a device's key must
-    never pass for a storage node's.
+    never pass for a storage node's. A malformed key file is refused alone,
+    named in `skipped` (the broker logs each as a warning).
     """
 
     def __init__(self, ctx: zmq.Context, directories: dict[str, str]):
         self.scanner = KeyScanner(directories)
-        self.keys = self.scanner.scan(strict=True).keys
+        first = self.scanner.scan(strict=True)
+        self.keys = first.keys
+        self.skipped = list(first.skipped)
+        self.problems = set(first.problems)
         self.handler = ZapHandler(ctx, self.keys.zap)
 
     def scan(self) -> ScanResult:

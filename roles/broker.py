@@ -65,6 +65,9 @@ class BrokerProcess:
                                                           "operators": config.operator_keys,
                                                           "admins": config.admin_keys})
             secure = {domain: (lambda sock, d=domain: security.make_server(sock, ours, d)) for domain in secure}
+            for problem in self.auth.skipped:
+                logger.warning("key directories: key refused: {}", problem)
+            self.key_problems = set(self.auth.problems)
         self.clock = MonotonicClock()
         self.loop = Loop(self.clock, encode)
         index = CatalogIndex(self.store.placements(), self.store.newest_commits())  # before the loop starts

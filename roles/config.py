@@ -21,6 +21,7 @@ from roles.units import parse_duration, parse_rate, parse_size
 
 ACTIONS = ("resume", "incremental", "full", "verify")
 from schemas import is_valid_id
+from schemas.messages import MESSAGES
 
 
 class ConfigError(Exception):
@@ -32,6 +33,14 @@ def _kind(kind: str, default: Any, **extra):
 
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
+
+# Bounds of values that end up in a message, from its schema (a value past them would pass here and then make
+# the role crash at the first message that carries it).
+HEARTBEAT_MS_MAX = MESSAGES["WELCOME"].fields["heartbeat_interval_ms"].max
+CREDIT_BYTES_MAX = MESSAGES["CREDIT"].fields["bytes"].max
+READY_WINDOW_MAX = MESSAGES["READY"].fields["window"].max
+# A rate of 0 would divide by zero (and never send): "none" is the way to say unlimited.
+ZERO_RATE = "a rate must be above 0 (use none for no limit, or yield)"
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,11 @@ class BrokerConfig:
     admin_keys: str = _kind("path", "")  # operator keys that may change state; empty: none
     keys_rescan_ms: int = _kind("int", 5000, min=100)  # key directories re-read this often (and on SIGHUP)
     listen_backlog: int = _kind("int", 4096, min=1)  # ZMQ_BACKLOG of each ROUTER (the kernel's somaxconn caps it)
-    heartbeat_interval_ms: int = _kind("int", 1000, min=10)
+    heartbeat_interval_ms: int = _kind("int", 1000, min=10, max=HEARTBEAT_MS_MAX)  # told in WELCOME
     # an agent with no transfer in progress beats this often (told in WELCOME; never below heartbeat_interval_ms)
-    idle_heartbeat_interval_ms: int = _kind("int", 5000, min=10)
+    idle_heartbeat_interval_ms: int = _kind("int", 5000, min=10, max=HEARTBEAT_MS_MAX)
     heartbeat_liveness: int = _kind("int", 3, min=1)
-    transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024)
+    transfer_window: int = _kind("size", 8 * 1024 * 1024, min=64 * 1024, max=CREDIT_BYTES_MAX)  # a CREDIT's bytes
     finished_transfers_kept: int = _kind("int", 200, min=0)
     stall_timeout_ms: int = _kind("int", 60000, min=100)
     # restores (roles/controller/restores.py): the most BLOCK bytes in flight per restore, whatever the
@@ -82,11 +91,11 @@ class StorageConfig:
     insecure: bool = _kind("bool", False)
     key_file: str = _kind("path", "")
     broker_key: str = _kind("path", "")
-    window: int = _kind("size", 32 * 1024 * 1024, min=64 * 1024)
+    window: int = _kind("size", 32 * 1024 * 1024, min=64 * 1024, max=READY_WINDOW_MAX)  # told in READY
     store_threads: int = _kind("int", 8, min=1)
-    heartbeat_interval_ms: int = _kind("int", 1000, min=10)
+    heartbeat_interval_ms: int = _kind("int", 1000, min=10, max=HEARTBEAT_MS_MAX)
     heartbeat_liveness: int = _kind("int", 3, min=1)
-    fault_write_rate: int | None = _kind("rate", None)
+    fault_write_rate: int | None = _kind("rate", None, min=1)
     fault_fail_at_write: int = _kind("int", 0, min=0)
     fault_disk_capacity: int | None = _kind("optional_size", None)
     fault_fail_at_read: int = _kind("int", 0, min=0)  # the Nth restore chunk read fails with EIO, once
@@ -118,12 +127,15 @@ class AgentConfig:
     insecure: bool = _kind("bool", False)
     key_file: str = _kind("path", "")
     broker_key: str = _kind("path", "")
-    limit: object = _kind("limit", None)
+    limit: object = _kind("limit", None, min=1)
     schedule: tuple = _kind("schedule", ())
     action_order: tuple = _kind("actions", ("resume", "incremental", "full", "verify"))
     wire_window: int = _kind("size", 16 * 1024 * 1024, min=64 * 1024)
     yield_target_ms: int = _kind("int", 25, min=1)
-    read_limit: int | None = _kind("rate", None)
+    read_limit: int | None = _kind("rate", None, min=1)
+    # .changes sidecar check: unchanged chunks read and compared with the previous manifest, per snapshot
+    cbt_sample_chunks: int = _kind("int", 4, min=1)
+    cbt_sample_fraction: float = _kind("fraction", 0.002)  # of the unchanged chunks, when that is more
     status_bind: str = _kind("endpoint_or_empty", "")
     threads: int = _kind("int", 2, min=1)
     compress_level: int = _kind("int", 1, min=-5, max=22)
@@ -137,7 +149,7 @@ class AgentConfig:
     fault_link_drop_rate: float = _kind("fraction", 0.0)
     fault_link_delay_ms: int = _kind("int", 0, min=0)
     fault_seed: int = _kind("int", 0)
-    heartbeat_interval_ms: int = _kind("int", 1000, min=10)
+    heartbeat_interval_ms: int = _kind("int", 1000, min=10, max=HEARTBEAT_MS_MAX)
     heartbeat_liveness: int = _kind("int", 3, min=1)
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
@@ -174,6 +186,9 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
                 raise ValueError("expected a list of windows like {days: mon-fri, from: '08:00', to: '18:00', "
                                  "limit: 10Mbit}")
             parsed = tuple(parse_window(item, i) for i, item in enumerate(value))
+            for i, window in enumerate(parsed):
+                if isinstance(window.limit, int) and window.limit < 1:
+                    raise ValueError(f"schedule[{i}].limit: {ZERO_RATE}")
         elif kind == "actions":
             if (not isinstance(value, list) or sorted(value) != sorted(ACTIONS)):
                 raise ValueError(f"expected an ordering of {', '.join(ACTIONS)}")
@@ -214,6 +229,8 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
         raise _fail(path, key, str(exc)) from None
     if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
         if "min" in meta and parsed < meta["min"]:
+            if kind in ("rate", "limit"):
+                raise _fail(path, key, f"{value!r}: {ZERO_RATE}")
             raise _fail(path, key, f"{value!r} is below the minimum {meta['min']}")
         if "max" in meta and parsed > meta["max"]:
             raise _fail(path, key, f"{value!r} is above the maximum {meta['max']}")

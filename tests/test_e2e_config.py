@@ -42,6 +42,21 @@ CASES = [
     ("agent", "datasets[0].chunk_size", lambda c: c["datasets"][0].update(chunk_size="1 MiBB")),
     ("agent", "datasets[0].colour", lambda c: c["datasets"][0].update(colour="red")),
     ("agent", "datasets[0].priority", lambda c: c["datasets"][0].update(priority="high")),
+    # values that used to pass and then crash the role: a zero rate divides by zero, a heartbeat or
+    # window past its message's schema limit makes the first WELCOME / READY / CREDIT unbuildable
+    ("agent", "limit", lambda c: c.update(limit=0)),
+    ("agent", "limit", lambda c: c.update(limit="0Mbit")),
+    ("agent", "read_limit", lambda c: c.update(read_limit=0)),
+    ("agent", "schedule", lambda c: c.update(schedule=[{"days": "all", "from": "00:00", "to": "24:00",
+                                                         "limit": 0}])),
+    ("agent", "heartbeat_interval_ms", lambda c: c.update(heartbeat_interval_ms=600_001)),
+    ("broker", "heartbeat_interval_ms", lambda c: c.update(heartbeat_interval_ms=600_001)),
+    ("broker", "idle_heartbeat_interval_ms", lambda c: c.update(idle_heartbeat_interval_ms=600_001)),
+    ("broker", "heartbeat_interval_ms", lambda c: c.update(heartbeat_interval_ms=0)),
+    ("broker", "transfer_window", lambda c: c.update(transfer_window="2TiB")),
+    ("storage", "window", lambda c: c.update(window="2TiB")),
+    ("storage", "fault_write_rate", lambda c: c.update(fault_write_rate=0)),
+    ("storage", "heartbeat_interval_ms", lambda c: c.update(heartbeat_interval_ms=-5)),
 ]
 
 
@@ -51,7 +66,7 @@ def _command(role: str, config) -> list:
     return [role, "--config", config]
 
 
-@pytest.mark.parametrize("role,key,break_it", CASES, ids=[f"{r}-{k}" for r, k, _ in CASES])
+@pytest.mark.parametrize("role,key,break_it", CASES, ids=[f"{r}-{k}-{i}" for i, (r, k, _) in enumerate(CASES)])
 def test_bad_key_exits_2_naming_key_and_file(cluster, role, key, break_it):
     conf = good_configs(cluster)[role]
     break_it(conf)

@@ -134,8 +134,14 @@ def test_an_unreadable_file_keeps_its_key_and_a_new_one_waits_and_a_lost_directo
         f.write("")
     result = scanner.scan()
     assert result.changes == {} and result.keys.zap["devices"] == {key: "office-1"} and len(result.problems) == 2
-    with pytest.raises(KeyFileError):
-        KeyScanner(dirs).scan(strict=True)
+    # at start a malformed file is that one key refused, named, and the others load
+    fresh = KeyScanner(dirs)
+    keygen(dirs["devices"], "office-3")
+    started = fresh.scan(strict=True)
+    assert set(started.keys.zap["devices"].values()) == {"office-3"}
+    assert sorted(p.split(":")[0] for p in started.skipped) == sorted(
+        f"cannot load public key {dirs['devices']}/office-{i}.key" for i in (1, 2))
+    os.remove(f"{dirs['devices']}/office-3.key")
     os.rename(dirs["devices"], dirs["devices"] + ".moved")
     result = scanner.scan()
     assert result.changes == {} and result.keys.zap["devices"] == {key: "office-1"} and result.problems

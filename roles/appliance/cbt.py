@@ -7,6 +7,16 @@ only chunks touching a changed range are read; the others keep their names
 from the previous manifest. The whole-image blake3 is then computed by the
 storage node from the chunks it verified (the agent did not read it all).
 
+A sidecar is a claim, not a proof: one that under-reports would commit a
+snapshot that is not the image. So before anything is sent, a sample of the
+unchanged chunks (`cbt_sample_chunks`, or `cbt_sample_fraction` of them if
+more; a choice seeded by the snapshot's key, so a rerun checks the same
+ones) is read and hashed against the previous manifest. Any mismatch means
+the sidecar lied: the warning names it and the whole image is read and
+hashed instead. Every chunk sent is hashed from the bytes read, and a known
+chunk the cloud lacks is read and checked too; a mismatch there fails the
+upload and the snapshot's sidecar is not trusted again by this process.
+
 Used only when it is safe: the previous committed snapshot must be the
 image's immediate predecessor (no snapshot between them that the sidecar's
 ranges would not cover) and have the same chunk size. Otherwise, or if the
@@ -15,10 +25,16 @@ sidecar is malformed, the whole image is hashed and the log says why.
 
 from __future__ import annotations
 
+import math
 import os
+import random
 from pathlib import Path
 
+import blake3
 import msgpack
+
+from roles.appliance.chunker import read_chunk
+from roles.chunkdata import zeros
 
 from roles.geometry import chunk_count_for
 
@@ -59,6 +75,10 @@ class NamesStore:
 
     def __init__(self, state_dir: str):
         self.root = Path(state_dir) / "manifests"
+        self.distrusted: set = set()  # (dataset, snapshot) whose sidecar was caught lying: read whole
+
+    def distrust(self, dataset: str, snapshot: str) -> None:
+        self.distrusted.add((dataset, snapshot))  # set.add is atomic: safe from a pool thread
 
     def _path(self, dataset: str, snapshot: str) -> Path:
         return self.root / dataset / f"{snapshot}.names"
@@ -84,6 +104,8 @@ def known_names(pending, previous: str | None, snapshots_between: bool, names: N
         return None, "no .changes sidecar"
     if previous is None:
         return None, "no earlier snapshot is committed"
+    if (pending.dataset.name, pending.snapshot) in names.distrusted:
+        return None, f"{sidecar.name} under-reported a change before"
     if snapshots_between:
         return None, f"snapshots between {previous} and {pending.snapshot} were not replicated"
     prior = names.load(pending.dataset.name, previous)
@@ -101,3 +123,24 @@ def known_names(pending, previous: str | None, snapshots_between: bool, names: N
     known = {i: prior_names[i] for i in range(min(count, len(prior_names), last_full))
              if i not in touched and not (i == count - 1 and pending.size % chunk_size)}
     return known, f"{len(touched)} changed chunk(s) per {sidecar.name}"
+
+
+def sample_of(known: dict | None, pending, chunks: int, fraction: float) -> dict:
+    """{index: expected name} of the unchanged chunks to read and check (deterministic per snapshot)."""
+    if not known:
+        return {}
+    count = min(len(known), max(chunks, math.ceil(fraction * len(known))))
+    seed = blake3.blake3(f"{pending.dataset.name}/{pending.snapshot}".encode()).digest()
+    chosen = random.Random(seed).sample(sorted(known), count)
+    return {index: known[index] for index in sorted(chosen)}
+
+
+def check_sample(path: str, sample: dict, chunk_size: int, image_size: int, pacer=None) -> list:
+    """Indexes of `sample` whose bytes on disk do not have the expected name (None: all zero)."""
+    lied = []
+    for index, expected in sample.items():
+        raw = read_chunk(path, index, chunk_size, image_size, pacer)
+        name = None if raw == zeros(len(raw)) else blake3.blake3(raw).digest()
+        if name != expected:
+            lied.append(index)
+    return lied

@@ -190,8 +190,12 @@ class AgentCore(BrokerReplies):
         def hash_image(pieces, final):
             outbox(Submit("image", (serial, "image"), _hash_step, (hasher, pieces, final)))
 
+        known = unchanged_chunks(pending, self.journal, self.names)
         upload = Upload(pending, submit, self._send, hash_image, compress_level=self.effort.level,
-                        clock=self._clock, known=unchanged_chunks(pending, self.journal, self.names), read_pacer=self.read_pacer)
+                        clock=self._clock, known=known, read_pacer=self.read_pacer,
+                        sample=cbt.sample_of(known, pending, self.config.cbt_sample_chunks,
+                                             self.config.cbt_sample_fraction),
+                        distrust=lambda: self.names.distrust(pending.dataset.name, pending.snapshot))
         self.active[serial] = upload
         self.by_req[serial] = upload
         self._serial_of[id(upload)] = serial
@@ -343,6 +347,8 @@ class AgentCore(BrokerReplies):
             upload.on_hashed(key[2], result)
         elif kind == "compress":
             upload.on_compressed(*result)
+        elif kind == "sample":
+            upload.on_sampled(result)
         elif kind == "image" and result is not None:
             upload.on_image_digest(result)
         if upload.finished:

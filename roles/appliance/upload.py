@@ -22,6 +22,9 @@ import blake3
 
 from bus.credit import SendCredit
 from bus.errors import RequestError
+from loguru import logger
+
+from roles.appliance.cbt import check_sample
 from roles.appliance.chunker import compress, read_and_hash, read_chunk
 from roles.appliance.scanner import PendingSnapshot
 from roles.geometry import ImageGeometry
@@ -36,7 +39,7 @@ MAX_HASH_BATCHES_IN_FLIGHT = 4
 class Upload:
     def __init__(self, pending: PendingSnapshot, submit, send, hash_image, compress_level: int = 1,
                  max_held_bytes: int = 48 * 1024 * 1024, clock=time.monotonic, known: dict | None = None,
-                 read_pacer=None):
+                 read_pacer=None, sample: dict | None = None, distrust=None):
         self.pending = pending
         self.chunk_size = pending.dataset.chunk_size
         self.image_size = pending.size
@@ -48,6 +51,12 @@ class Upload:
         # changed-block tracking: {index: name} of chunks not read; then the
         # node computes the image's blake3 (we never see every byte)
         self.known = known
+        # unchanged chunks read and checked before anything else: a lying sidecar means a full read
+        self._sample = dict(sample or {}) if known else {}
+        self._sampling = False
+        self._distrust = distrust  # callable(): this snapshot's sidecar lied (never trust it again)
+        self.sampled_chunks = 0
+        self.sidecar_lied = False
         self.read_pacer = read_pacer
         self.names: list = []  # the manifest in order, kept for the next snapshot's CBT
         self.compress_level = compress_level
@@ -114,6 +123,12 @@ class Upload:
     def pump(self) -> None:
         if self.state != "sending":
             return
+        if self._sample:
+            if not self._sampling:
+                self._sampling = True
+                self._submit(("sample", 0), check_sample, self.pending.path, self._sample, self.chunk_size,
+                             self.image_size, self.read_pacer)
+            return
         while (self._next_batch < self.chunk_count and self._hashing < MAX_HASH_BATCHES_IN_FLIGHT
                and self._held_bytes + self._hashing * BATCH_CHUNKS * self.chunk_size < self.max_held_bytes):
             count = min(BATCH_CHUNKS, self.chunk_count - self._next_batch)
@@ -132,10 +147,27 @@ class Upload:
             self._submit(("compress", index), self._compress_named, name, raw, index)
         self._maybe_commit()
 
+    def on_sampled(self, lied: list) -> None:
+        """The sampled unchanged chunks were read: any mismatch and the whole image is read and hashed."""
+        self.sampled_chunks = len(self._sample)
+        self.bytes_read += sum(self._chunk_len(i) for i in self._sample)
+        self._sample = {}
+        if lied:
+            self.sidecar_lied = True
+            logger.warning("{}/{}: the .changes sidecar under-reports: chunk(s) {} changed but are not listed; "
+                           "reading the whole image", self.pending.dataset.name, self.pending.snapshot,
+                           ", ".join(map(str, lied[:8])) + (" ..." if len(lied) > 8 else ""))
+            self.known = None
+            if self._distrust is not None:
+                self._distrust()
+        self.pump()
+
     def _compress_named(self, name: bytes, raw: bytes | None, index: int):
         if raw is None:
             raw = read_chunk(self.pending.path, index, self.chunk_size, self.image_size, self.read_pacer)
             if blake3.blake3(raw).digest() != name:
+                if self._distrust is not None:
+                    self._distrust()  # the retry reads the whole image
                 raise OSError(f"chunk {index} changed but the .changes sidecar did not say so")
         codec, payload = compress(raw, self.compress_level)
         return name, len(raw), codec, payload
@@ -302,4 +334,6 @@ class Upload:
         return {"dataset": self.pending.dataset.name, "snapshot": self.pending.snapshot, "state": self.state,
                 "chunks_total": self.chunk_count, "chunks_sent": self.chunks_sent, "bytes_image": self.image_size,
                 "bytes_read": self.bytes_read, "bytes_sent": self.bytes_sent,
+                **({"chunks_sampled": self.sampled_chunks} if self.sampled_chunks else {}),
+                **({"sidecar_lied": True} if self.sidecar_lied else {}),
                 "seconds": round(end - self.started_at, 3), **({"reason": self.reason} if self.reason else {})}
