@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from bus.errors import RequestError
+from roles.counting import decrement
 
 
 @dataclass
@@ -47,11 +48,7 @@ class DeviceBudgets:
         self.uploads[device] += 1
 
     def upload_ended(self, device: str) -> None:
-        left = self.uploads[device] - 1
-        if left > 0:
-            self.uploads[device] = left
-        else:
-            self.uploads.pop(device, None)
+        decrement(self.uploads, device)
 
     def admit_query(self, device: str, now: float) -> None:
         """One QUERY slice from `device`; raises rate_limited past its rate."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from bus.credit import CreditPool
 from bus.errors import RequestError
+from roles.counting import decrement
 
 PIECE_SLACK = 1024  # a compressed payload may exceed its raw length by a frame header at most
 
@@ -167,11 +168,7 @@ class CreditScheduler:
         node = self.nodes.get(node_id)
         if node is not None and n:
             node.pool.release(n)
-            left = node.held[device] - n
-            if left > 0:
-                node.held[device] = left
-            else:
-                node.held.pop(device, None)
+            decrement(node.held, device, n)
 
     def forget(self, node_id: str, transfer_id: str, device: str = "") -> None:
         node = self.nodes.get(node_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from bus.errors import RequestError
+from roles.counting import decrement
 from roles.controller.catalog import CatalogIndex
 
 PLACEMENT_BUCKET = 1024**3
@@ -73,19 +74,14 @@ class Placement:
         if entry[1] <= 0:
             del self._pending[key]
             if self.index.node_for(device_id, dataset) is None:
-                self._uncount(entry[0])
+                decrement(self._pending_per_node, entry[0])
 
     def placed(self, device_id: str, dataset: str, node_id: str) -> None:
         """The catalog recorded the dataset on `node_id`."""
         if self.index.place(device_id, dataset, node_id):
             entry = self._pending.get((device_id, dataset))
             if entry is not None:
-                self._uncount(entry[0])
-
-    def _uncount(self, node_id: str) -> None:
-        self._pending_per_node[node_id] -= 1
-        if self._pending_per_node[node_id] <= 0:
-            del self._pending_per_node[node_id]
+                decrement(self._pending_per_node, entry[0])
 
     def datasets_on(self, node_id: str) -> int:
         return self.index.datasets_on(node_id) + self._pending_per_node[node_id]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from bus.credit import CreditPool
 from bus.deadlines import Deadlines
+from roles.counting import decrement
 
 
 @dataclass(eq=False)
@@ -87,11 +88,7 @@ class Registry:
         session = self.agents.pop(routing, None)
         if session is not None:
             self.deadlines.cancel(("agent", routing))
-            left = self.sessions_per_device[session.device_id] - 1
-            if left > 0:
-                self.sessions_per_device[session.device_id] = left
-            else:
-                del self.sessions_per_device[session.device_id]
+            if not decrement(self.sessions_per_device, session.device_id):
                 self.known_devices[session.device_id] = False
         return session
 

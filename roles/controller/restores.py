@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from bus.deadlines import Deadlines
 from bus.errors import RequestError
+from roles.counting import decrement
 from roles.controller.credit import PIECE_SLACK
 from roles.geometry import ImageGeometry
 
@@ -84,8 +85,8 @@ class RestoreCredit:
         if ledger is None:
             return
         self.idle.cancel(transfer_id)
-        self._uncount(self.node_in_flight, node_id, ledger.in_flight)
-        self._uncount(self.device_restores, device_id, 1)
+        decrement(self.node_in_flight, node_id, ledger.in_flight)
+        decrement(self.device_restores, device_id, 1)
 
     # --- the stream ----------------------------------------------------------------------
 
@@ -128,7 +129,7 @@ class RestoreCredit:
         if nbytes > ledger.in_flight:
             raise RequestError(f"credit for {nbytes} bytes with {ledger.in_flight} in flight", "credit_exceeded")
         ledger.in_flight -= nbytes
-        self._uncount(self.node_in_flight, node_id, nbytes)
+        decrement(self.node_in_flight, node_id, nbytes)
         if nbytes:
             ledger.last_progress = now
 
@@ -158,11 +159,3 @@ class RestoreCredit:
     def window(self, transfer_id: str) -> int:
         ledger = self.ledgers.get(transfer_id)
         return 0 if ledger is None else ledger.window
-
-    @staticmethod
-    def _uncount(counter: Counter, key: str, n: int) -> None:
-        left = counter[key] - n
-        if left > 0:
-            counter[key] = left
-        else:
-            counter.pop(key, None)

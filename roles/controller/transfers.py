@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bus.errors import RequestError
+from roles.counting import decrement
 from roles.controller.credit import UploadLedger
 from roles.geometry import ImageGeometry
 
@@ -136,20 +137,13 @@ def count_in(t: Transfer, tally: Counter) -> None:
 def _move(t: Transfer, state: str) -> None:
     tally = t.tally
     if tally is not None:
-        _uncount(tally, t.state)
+        decrement(tally, t.state)
         if state in FINAL_STATES:
             t.tally = None
         else:
             tally[state] += 1
     t.state = state
 
-
-def _uncount(tally: Counter, state: str) -> None:
-    left = tally[state] - 1
-    if left > 0:
-        tally[state] = left
-    else:
-        del tally[state]
 
 
 def finish(t: Transfer, state: str, reason: str, now: float) -> None:

@@ -17,6 +17,7 @@ from loguru import logger
 
 from bus.effects import Send, Submit
 from bus.errors import RequestError
+from roles.counting import decrement
 from roles.storenode.manifests import conflict as conflict_error, same_content
 from roles.storenode.restores import BROKER
 from roles.storenode.transitions import UPLOAD_TRANSITIONS as UPLOAD, advance, fail
@@ -145,11 +146,7 @@ class CommitPath:
         self.assembler.forget(tid)
         if session is None:
             return None
-        left = self.sessions_per_device.get(session.device_id, 0) - 1
-        if left > 0:
-            self.sessions_per_device[session.device_id] = left
-        else:
-            self.sessions_per_device.pop(session.device_id, None)
+        decrement(self.sessions_per_device, session.device_id)
         hashed = session.state == "committed"  # the image thread forgot it at finish
         advance(session, UPLOAD, "ABORT")
         self.deadlines.cancel(("idle", tid))
