@@ -11,8 +11,10 @@ past its budget with a stable code, before anything is allocated:
   reserved for uploads in progress): `image_too_large`.
 
 Refusing one device changes nothing for another: the counters are keyed by
-device, and a refusal allocates nothing. O(1) per message; a device's entry
-leaves when its count returns to zero.
+device, and a refusal allocates nothing. O(1) per message. A device's upload
+count leaves when it returns to zero; its token bucket stays (a few dozen
+bytes per device that has ever queried, so bounded by the enrolled keys), since
+forgetting it would hand a device a fresh burst each time its uploads end.
 """
 
 from __future__ import annotations
@@ -61,13 +63,6 @@ class DeviceBudgets:
             raise RequestError(f"more than {self.query_rate:g} QUERY slices per second (query_rate)",
                                "rate_limited")
         bucket.tokens -= 1.0
-        if bucket.tokens >= self.query_burst and device not in self.uploads:
-            del self._queries[device]
-
-    def forget_device(self, device: str) -> None:
-        """A full bucket is the same as none: keep the table to devices with uploads."""
-        if device not in self.uploads:
-            self._queries.pop(device, None)
 
 
 def check_image_fits(image_size: int, node) -> None:

@@ -33,16 +33,15 @@ from pathlib import Path
 
 from bus.errors import RequestError
 from roles.chunkdata import decode_and_verify, pack_chunk_header, parse_chunk_file
-from roles.durable import PLAIN, DiskIO, make_dirs, make_subdirs, write_durable
+from roles.durable import PLAIN, DiskIO, make_subdirs, write_durable
 
 SUBDIRS = tuple(f"{i:02x}" for i in range(256))
 COPY_SUFFIX = ".copy"  # the write-shaped copy of a chunk already stored, until reap() removes it
 
 
 class ChunkStore:
-    def __init__(self, root: str | os.PathLike, write_hook=None, io: DiskIO = PLAIN):
+    def __init__(self, root: str | os.PathLike, io: DiskIO = PLAIN):
         self.root = Path(root) / "chunks"
-        self.write_hook = write_hook
         self.io = io
         make_subdirs(self.root, SUBDIRS, io)
         self._copies: list[Path] = []  # appended by store threads, taken by reap()
@@ -70,9 +69,8 @@ class ChunkStore:
         path = self.path_for(name)
         existed = path.exists()
         target = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{COPY_SUFFIX}") if existed else path
-        make_dirs(path.parent, self.io)  # made at start: a stat, unless someone removed it
-        header = pack_chunk_header(codec, raw_len)
-        write_durable(target, [header, payload], self.write_hook, io=self.io)
+        header = pack_chunk_header(codec, raw_len)  # path.parent is one of the SUBDIRS made at start
+        write_durable(target, [header, payload], io=self.io)
         if existed:
             with self._copies_lock:
                 self._copies.append(target)

@@ -159,8 +159,5 @@ class DeviceChunks:
         for name in names:
             self.add(device_id, name)
 
-    def flush(self) -> None:
-        pass  # every record is written as it is added; kept for callers of the buffered log
-
     def close(self) -> None:
         self.logs.close()
