@@ -129,5 +129,7 @@ def test_a_nodes_credit_is_shared_by_device_not_by_upload():
             granted[u.ledger.device] += n
         if not credit.is_waiting("n", t.transfer_id, t.ledger.device):
             granted[t.ledger.device] += credit.grant("n", t.transfer_id, t.ledger, MiB)
+        node = credit.nodes["n"]
+        assert node.active == node.held.keys() | node.hungry.keys()  # the share's count, kept as it changes
     ratio = granted["many"] / granted["one"]
     assert 0.8 <= ratio <= 1.25, (ratio, granted)

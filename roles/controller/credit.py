@@ -96,10 +96,20 @@ class NodeCredit:
     # device -> {transfer id: None}, oldest wait first; device order is the round robin
     hungry: OrderedDict = field(default_factory=OrderedDict)
     held: Counter = field(default_factory=Counter)  # device -> credit outstanding (holding + in flight)
+    # devices holding or waiting for credit (held | hungry), kept as they change: `share` runs per
+    # grant, on every STORED, and must not walk every device on the node
+    active: set = field(default_factory=set)
 
     def share(self, device: str) -> int:
-        devices = len(self.held.keys() | self.hungry.keys() | {device})
+        devices = len(self.active) + (device not in self.active)
         return self.pool.window // devices
+
+    def settle(self, device: str) -> None:
+        """After `held` or `hungry` changed for `device`."""
+        if device in self.held or device in self.hungry:
+            self.active.add(device)
+        else:
+            self.active.discard(device)
 
 
 class CreditScheduler:
@@ -124,18 +134,19 @@ class CreditScheduler:
         wanted = min(wanted, room)
         if wanted < smallest or node.pool.free < smallest:
             node.hungry.setdefault(device, OrderedDict()).setdefault(transfer_id, None)
+            node.active.add(device)
             return 0
         granted = node.pool.take(min(wanted, node.pool.free))
         ledger.holding += granted
         node.held[device] += granted
+        node.active.add(device)
         return granted
 
     def is_waiting(self, node_id: str, transfer_id: str, device: str = "") -> bool:
         node = self.nodes.get(node_id)
         if node is None:
             return False
-        return any(transfer_id in tids for tids in node.hungry.values()) if not device else \
-            transfer_id in node.hungry.get(device, ())
+        return transfer_id in node.hungry.get(device, ())
 
     def serve_waiting(self, node_id: str, lookup) -> list:
         """Hand freed credit to waiting uploads, device by device round robin: [(transfer, granted)].
@@ -149,6 +160,7 @@ class CreditScheduler:
             del tids[tid]
             if not tids:
                 del node.hungry[device]
+                node.settle(device)
             t = lookup(tid)
             if t is None:
                 continue
@@ -169,6 +181,7 @@ class CreditScheduler:
         if node is not None and n:
             node.pool.release(n)
             decrement(node.held, device, n)
+            node.settle(device)
 
     def forget(self, node_id: str, transfer_id: str, device: str = "") -> None:
         node = self.nodes.get(node_id)
@@ -179,3 +192,4 @@ class CreditScheduler:
             tids.pop(transfer_id, None)
             if not tids:
                 del node.hungry[device]
+                node.settle(device)
