@@ -334,6 +334,11 @@ class Controller(AgentSide, NodeSide, Enrolment):
             if not t.finished:
                 self.stalls.schedule(tid, self.now + self.stall_s)
             return
+        if t.node_id and self.credit.is_waiting(t.node_id, tid, t.device_id):
+            # the broker is withholding credit (the node is busy with others): not the upload's silence;
+            # its clock restarts when credit is granted
+            self.stalls.schedule(tid, self.now + self.stall_s)
+            return
         quiet = self.now - t.last_progress
         if quiet >= self.stall_s:
             self.interrupt(t, RequestError(f"no acknowledged progress for {self.stall_s:.0f}s", "stalled"))
@@ -355,4 +360,5 @@ class Controller(AgentSide, NodeSide, Enrolment):
             return t if t is not None and t.kind == "upload" and t.state == "active" else None
 
         for t, granted in self.credit.serve_waiting(node.node_id, live):
+            t.last_progress = max(t.last_progress, self.now)  # its wait was ours, not its silence
             self.to_agent(t, make("CREDIT", transfer_id=t.transfer_id, bytes=granted))

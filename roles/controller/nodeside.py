@@ -73,11 +73,16 @@ class NodeSide:
         self.to_agent(t, make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=t.node_id, committed=False))
 
     def node_MISSING(self, node, msg, frames) -> None:
-        t = self.placed(node, msg)  # not progress: only STORED and COMMITTED feed the watchdog
+        t = self.placed(node, msg)
         geometry = t.geometry
         missing_raw = sum(geometry.chunk_len(i) for i in msg["missing"])
-        t.ledger.demand += missing_raw
-        t.bytes_done += geometry.slice_len(msg["start"], msg["count"]) - missing_raw
+        if msg["start"] >= t.queried_to:
+            # new ground: chunks found held are done, those missing are owed, and the upload moved (a slice
+            # asked again is none of these)
+            t.ledger.demand += missing_raw
+            t.queried_to = msg["start"] + msg["count"]
+            t.bytes_done += geometry.slice_len(msg["start"], msg["count"]) - missing_raw
+            t.last_progress = self.now
         self.to_agent(t, frames=frames, name=msg.t)
         self.grant_credit(node, t)
 

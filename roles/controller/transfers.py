@@ -84,6 +84,9 @@ class Transfer:
     reason: str = ""
     bytes_done: int = 0
     bytes_sent: int = 0
+    # chunks of the image the node has answered QUERY slices for (slices come in order): a slice past it is
+    # progress, a slice asked again is not (a device cannot keep its upload alive by asking the same names)
+    queried_to: int = 0
     ledger: UploadLedger = field(default_factory=UploadLedger)
     started_at: float = 0.0
     last_progress: float = 0.0
