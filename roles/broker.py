@@ -73,7 +73,8 @@ class BrokerProcess:
         index = CatalogIndex(self.store.placements(), self.store.newest_commits())  # before the loop starts
         self.controller = Controller(config, self.store, index,
                                      identify=lambda frames: security.peer_identity(frames[0]),
-                                     process_figures=self.figures, wall_clock=time.time)
+                                     process_figures=self.figures, wall_clock=time.time,
+                                     usage=self.store.usage())
         if self.auth is not None:
             self.controller.keys_changed("admins", self.auth.keys.names("admins"), (), self.clock.now())
             self.rescan_at = self.clock.now() + config.keys_rescan_ms / 1000
@@ -117,6 +118,16 @@ class BrokerProcess:
             effects += self.controller.keys_changed(domain, added, removed, now)
         return effects
 
+    def save_usage_at_stop(self) -> None:
+        """The stored bytes not yet saved (the last second's), written from here: the pool is closed."""
+        usage = self.controller.quotas.unsaved()
+        if not usage:
+            return
+        try:
+            self.store.save_usage(usage)
+        except Exception as exc:  # the catalog's own failure: logged, the stop goes on
+            logger.error("saving the stored bytes of {} devices at stop failed: {}", len(usage), exc)
+
     def figures(self) -> dict:
         dropped = sum(out.dropped_total for out in self.loop.outboxes.values()) + self.loop.dropped_invalid
         return {"rss_bytes": rss_bytes(), "dropped_messages": dropped}
@@ -132,6 +143,7 @@ class BrokerProcess:
             self.loop.close()
             self.keys_pool.close()
             self.catalog_pool.close()  # waits for catalog work in progress: a commit is never cut short
+            self.save_usage_at_stop()
             self.store.close()
             if self.auth is not None:
                 self.auth.stop()

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from roles.appliance.schedule import parse_limit, parse_window
+from roles.quotarules import QuotaRules, parse_quota
 from roles.units import parse_duration, parse_rate, parse_size
 
 ACTIONS = ("resume", "incremental", "full", "verify")
@@ -75,6 +76,9 @@ class BrokerConfig:
     device_parked_max: int = _kind("int", 100, min=1)  # parked offers kept per device (its oldest gives way)
     parked_ttl: float = _kind("duration", 86400.0, min=1)  # a parked offer not offered again is forgotten after this
     query_burst: int = _kind("int", 400, min=1)  # QUERY slices a device may send at once
+    # bytes stored per device (roles/controller/quota.py): {device id or shell pattern: size or none};
+    # an exact id wins, then the longest pattern; no match (or no key) = unlimited (quota_exceeded)
+    quota: QuotaRules = _kind("quota", QuotaRules())
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     rpo_target: float = _kind("duration", 900.0, min=1)  # seconds: older newest commit = behind (status summary)
     list_page_size: int = _kind("int", 1000, min=1, max=10000)  # catalog rows per LIST_REPLY
@@ -181,6 +185,8 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             parsed = value
         elif kind == "limit":
             parsed = parse_limit(value)
+        elif kind == "quota":
+            parsed = parse_quota(value)
         elif kind == "schedule":
             if not isinstance(value, list):
                 raise ValueError("expected a list of windows like {days: mon-fri, from: '08:00', to: '18:00', "

@@ -97,8 +97,10 @@ def status_view(status: dict) -> View:
                   format_bytes(n["used_bytes"]), str(n.get("load", 0)),
                   f"{format_bytes(n['credit']['outstanding'])}/{format_bytes(n['credit']['window'])}"]
                  for n in status["storage"]]),
-        Section("agents", ["device", "connected"],
-                [[a["device_id"], "yes" if a["connected"] else "no"] for a in status["agents"]]),
+        Section("agents", ["device", "connected", "stored", "quota"],
+                [[a["device_id"], "yes" if a["connected"] else "no", format_bytes(a.get("stored_bytes", 0)),
+                  "none" if a.get("quota_bytes") is None else format_bytes(a["quota_bytes"])]
+                 for a in status["agents"]]),
         Section("transfers", ["transfer", "device", "dataset", "snapshot", "node", "state", "done/total", "sent"],
                 [[t["transfer_id"], t["device_id"], t["dataset"], t["snapshot"], t["node_id"],
                   t["state"] + (f" ({t['reason']})" if t.get("reason") else ""),

@@ -74,7 +74,7 @@ class RestoreClient:
 
 class Router:
     def __init__(self, tmp_path: Path, images: dict, *, node_window: int = 4 * CHUNK, max_active: int = 2,
-                 transfer_window: int = 64 * 1024):
+                 transfer_window: int = 64 * 1024, **broker):
         self.clock = FakeClock()
         now = self.clock.now()
         self.images = images
@@ -86,7 +86,7 @@ class Router:
             datasets.append(DatasetConfig(name=name, path=str(folder), chunk_size=CHUNK))
         self.broker_config = BrokerConfig(insecure=True, data_dir=str(tmp_path / "broker"),
                                           heartbeat_interval_ms=int(INTERVAL_S * 1000),
-                                          heartbeat_liveness=LIVENESS, transfer_window=transfer_window)
+                                          heartbeat_liveness=LIVENESS, transfer_window=transfer_window, **broker)
         self.store = CatalogStore(self.broker_config.data_dir)
         self.controller = Controller(self.broker_config, self.store, CatalogIndex(self.store.placements()))
         root = tmp_path / "node-a"
@@ -307,3 +307,51 @@ def test_credit_is_shared_within_a_small_node_window_under_contention(tmp_path, 
     for name, image in images.items():
         assert router.agent_state(name) == "committed" and router.rebuilt(name) == image
     assert all(c.pool.outstanding == 0 for c in router.controller.credit.nodes.values())
+
+
+# --- quotas: usage is what STORED acknowledged for the device (roles/controller/quota.py) ----------------
+
+
+def test_usage_is_the_bytes_stored_for_the_device_once_per_chunk(tmp_path):
+    """Two datasets of one image: each distinct chunk is stored, and charged, once; zeros cost nothing."""
+    image = image_of(40, 31)
+    router = Router(tmp_path, {"fs": image, "copy": image})
+    router.run_until(lambda: router.agent.done)
+    assert router.agent_state("fs") == router.agent_state("copy") == "committed"
+    usage = router.controller.quotas.usage["office-1"]
+    assert usage == sum(router.result(n)["bytes_sent"] for n in ("fs", "copy")) == router.node.stored_bytes
+    distinct = len({image[i:i + CHUNK] for i in range(0, len(image), CHUNK)} - {bytes(CHUNK)})
+    assert distinct * CHUNK // 2 < usage <= distinct * (CHUNK + 64)
+    router.tick(to=router.clock.now() + 2)
+    router.settle()
+    assert router.store.usage() == {"office-1": usage}
+
+
+def test_a_device_past_its_quota_is_interrupted_then_refused_and_its_usage_survives_a_restart(tmp_path):
+    from bus.errors import RequestError
+    from roles.quotarules import parse_quota
+
+    quota = 10 * CHUNK
+    router = Router(tmp_path, {"fs": image_of(40, 32)}, max_active=1, quota=parse_quota({"office-*": quota}))
+    router.run_until(lambda: router.agent.done)
+    assert router.agent_state("fs") == "failed"
+    assert router.result("fs")["reason"].startswith("quota_exceeded"), router.result("fs")
+    usage = router.controller.quotas.usage["office-1"]
+    window = max(64 * 1024, 2 * CHUNK + 65536)  # one upload's credit window (agentside.agent_OFFER)
+    assert quota < usage <= quota + window + CHUNK  # stopped at the STORED that passed it
+    # the upload was interrupted at a STORED (it parked with what it had stored), then each offer refused
+    parked = router.controller.history.parked[("office-1", "fs", "s1")]
+    assert parked.reason.startswith("quota_exceeded") and parked.bytes_done > quota, parked
+    assert router.controller.errors_by_code["quota_exceeded"] == 4  # the interruption, then 3 offers again
+    assert not router.node.uploads, "the node still holds the interrupted upload"
+    assert router.store.lookup("office-1", "fs", "s1") is None
+
+    router.tick(to=router.clock.now() + 2)  # the usage is saved within a second
+    router.settle()
+    assert router.store.usage() == {"office-1": usage}
+    restarted = Controller(router.broker_config, router.store, CatalogIndex(router.store.placements()),
+                           usage=router.store.usage())
+    with pytest.raises(RequestError) as refusal:
+        restarted.quotas.admit_offer("office-1")
+    assert refusal.value.code == "quota_exceeded"
+    restarted.quotas.admit_offer("other-1")  # no pattern matches it: unlimited

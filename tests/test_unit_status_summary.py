@@ -162,7 +162,7 @@ def test_status_narrowed_to_one_device_keeps_the_global_summary(tmp_path):
                  chunk_count=1)
     rig.send(OPERATOR, "STATUS", device_id="dev-1")
     doc = rig.last("STATUS_REPLY")["status"]
-    assert doc["agents"] == [{"device_id": "dev-1", "connected": True}]
+    assert doc["agents"] == [{"device_id": "dev-1", "connected": True, "stored_bytes": 0, "quota_bytes": None}]
     assert [t["device_id"] for t in doc["transfers"]] == ["dev-1"]
     assert doc["summary"]["devices_known"] == 3 and doc["summary"]["transfers_by_state"] == {"opening": 3}
     rig.send(OPERATOR, "STATUS", device_id="nobody")

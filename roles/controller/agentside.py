@@ -75,6 +75,8 @@ class AgentSide:
                      chunk_count=msg["chunk_count"], window=window, started_at=self.now, last_progress=self.now)
         t.ledger.window, t.ledger.device = window, device
         try:
+            # refused, not failed: the catalog is still asked (a snapshot already committed is answered so)
+            self.quotas.admit_offer(device)
             t.node_id = self.placement.choose(device, dataset, self.registry.nodes_by_id)
             check_image_fits(t.image_size, self.registry.nodes_by_id[t.node_id])
         except RequestError as exc:

@@ -17,6 +17,14 @@ order, and the key of its last row is where the next page starts (DESIGN.md
 A snapshot is in the catalog only after its storage node committed it
 (verified, manifest durable), and the row is committed before the agent is
 told. A dataset's placement is durable before its first upload is opened.
+`device_usage` holds each device's stored bytes for quotas
+(roles/controller/quota.py), saved from memory about once a second.
+
+Schema versions: `PRAGMA user_version` says which of MIGRATIONS a catalog
+has had; opening one applies the rest in order, each in its own transaction
+with the version it brings, so a catalog written before a migration is
+upgraded in place (its rows kept) and one cut short by a crash resumes. A
+catalog newer than this broker is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from bus.errors import SpeedSyncError
 from roles.durabledb import open_durable
 
 SCHEMA = """
@@ -45,6 +54,13 @@ CREATE TABLE IF NOT EXISTS placements (
     PRIMARY KEY (device_id, dataset)
 );
 """
+# version -> what brings a catalog to it from the version before (append only: never edit a released one)
+MIGRATIONS = {
+    # quotas: bytes stored per device; a catalog from before starts every device at 0 (what it stored
+    # earlier was never counted: the nodes' ownership logs are the only record of it)
+    1: ["CREATE TABLE device_usage (device_id TEXT PRIMARY KEY, stored_bytes INTEGER NOT NULL)"],
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 COLUMNS = "device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at"
 
 
@@ -53,6 +69,7 @@ class CatalogStore:
 
     def __init__(self, data_dir: str):
         self.db = open_durable(data_dir, "catalog.sqlite3", SCHEMA, check_same_thread=False)
+        migrate(self.db, data_dir)
 
     def placements(self) -> list[tuple]:
         """(device, dataset, node) of every dataset; a committed snapshot's node wins."""
@@ -121,8 +138,47 @@ class CatalogStore:
         last = rows[limit - 1]
         return rows[:limit], (last["device_id"], last["dataset"], last["snapshot"])
 
+    def usage(self) -> dict:
+        """{device: stored bytes} of every device that stored anything (read once, at start)."""
+        return dict(self.db.execute("SELECT device_id, stored_bytes FROM device_usage"))
+
+    def save_usage(self, usage: dict) -> None:
+        """Absolute values, in one transaction (one fsync), so saving the same twice is harmless."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO device_usage VALUES (?, ?)", usage.items())
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         self.db.close()
+
+
+class CatalogVersionError(SpeedSyncError):
+    """The catalog is newer than this broker (the CLI exits 1 with the reason)."""
+
+
+def migrate(db, where: str = "", migrations: dict = MIGRATIONS) -> int:
+    """Bring the catalog to the newest version of `migrations`; returns the version it had."""
+    had, newest = db.execute("PRAGMA user_version").fetchone()[0], max(migrations)
+    if had > newest:
+        raise CatalogVersionError(f"the catalog in {where} has schema version {had}, newer than this broker's "
+                                  f"{newest}: run the newer broker")
+    for version in range(had + 1, newest + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in migrations[version]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    return had
 
 
 class CatalogIndex:

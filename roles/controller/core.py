@@ -32,6 +32,7 @@ from roles.controller.agentside import AgentSide
 from roles.controller.enrolment import Enrolment
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
+from roles.controller.quota import DeviceQuotas
 from roles.controller.registry import Registry
 from roles.controller.restores import RestoreCredit
 from roles.controller.transfers import WATCHED_STATES, Transfer, count_in, finish
@@ -69,8 +70,9 @@ class ControllerStatistics:
 
 class Controller(AgentSide, NodeSide, Enrolment):
     def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict,
-                 wall_clock=None):
-        """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex.
+                 wall_clock=None, usage=None):
+        """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex;
+        `usage`: the bytes stored per device, as the catalog saved them (`store.usage()`, read at start).
         `identify(frames)`: the key name a connection authenticated with (None if insecure).
         `process_figures()`: the driver's own counters for status (rss_bytes, dropped_messages).
         `wall_clock()`: seconds since the epoch, read for status only (which datasets are behind
@@ -88,6 +90,7 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.restores = RestoreCredit(config.restore_window, config.restore_idle_timeout_ms / 1000,
                                       config.restores_per_device)
         self.budgets = DeviceBudgets(config.device_uploads_max, config.query_rate, config.query_burst)
+        self.quotas = DeviceQuotas(config.quota, usage)
         self.placement = Placement(index)
         self.history = History(config.finished_transfers_kept, config.device_parked_max, config.parked_ttl)
         self.transfers: dict[str, Transfer] = {}
@@ -147,6 +150,10 @@ class Controller(AgentSide, NodeSide, Enrolment):
             self.batch_recorded(key[1], error, committed_at=result)
         elif kind == "list":
             self.listed(key[1], result, error)
+        elif kind == "usage":
+            if error is not None:
+                logger.error("saving the devices' stored bytes failed (kept, saved again): {}", error)
+            self.quotas.saved(error)
         return self.out
 
     def on_time(self, now: float) -> list:
@@ -167,13 +174,16 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.restores_idle()
         self.history.expire(now)
         self.flush_records()
+        usage = self.quotas.due_save(now)
+        if usage:
+            self.out.append(Submit("catalog", ("usage",), self.store.save_usage, (usage,)))
         return self.out
 
     def next_deadline(self) -> float | None:
         if self.rows_waiting and not self.batch_in_flight:
             return self.now  # rows to hand the catalog: at the end of this turn
         due = [d for d in (self.registry.next_due(), self.stalls.next_due(), self.restores.next_due(),
-                           self.history.next_expiry())
+                           self.history.next_expiry(), self.quotas.next_deadline())
                if d is not None]
         return min(due) if due else None
 
@@ -350,15 +360,41 @@ class Controller(AgentSide, NodeSide, Enrolment):
     def grant_credit(self, node, t: Transfer) -> None:
         if t.kind != "upload" or t.state != "active":
             return
+        if self.quotas.over(t.device_id):  # its device passed its quota through another connection's upload
+            self.interrupt(t, self.quotas.exceeded(t.device_id))
+            return
         granted = self.credit.grant(node.node_id, t.transfer_id, t.ledger, t.chunk_size)
         if granted:
             self.to_agent(t, make("CREDIT", transfer_id=t.transfer_id, bytes=granted))
 
     def serve_waiting(self, node) -> None:
+        over = []  # uploads of devices past their quota: interrupted once the round is served, not granted
+
         def live(tid):
             t = self.transfers.get(tid)
-            return t if t is not None and t.kind == "upload" and t.state == "active" else None
+            if t is None or t.kind != "upload" or t.state != "active":
+                return None
+            if self.quotas.over(t.device_id):
+                over.append(t)
+                return None
+            return t
 
         for t, granted in self.credit.serve_waiting(node.node_id, live):
             t.last_progress = max(t.last_progress, self.now)  # its wait was ours, not its silence
             self.to_agent(t, make("CREDIT", transfer_id=t.transfer_id, bytes=granted))
+        for t in over:
+            if not t.finished:
+                self.interrupt(t, self.quotas.exceeded(t.device_id))
+
+    def quota_reached(self, t: Transfer) -> None:
+        """A STORED of `t` took its device past its quota: its uploads still sending on this
+        connection are interrupted (parked quota_exceeded); one committing adds nothing more and
+        goes on. Uploads of the device on other connections stop at their next grant."""
+        exc = self.quotas.exceeded(t.device_id)
+        session = self.registry.agents.get(t.agent_routing)
+        tids = [t.transfer_id, *(session.transfers if session is not None else ())]
+        for tid in dict.fromkeys(tids):
+            u = self.transfers.get(tid)
+            if u is not None and u.kind == "upload" and u.device_id == t.device_id and u.state in (
+                    "checking", "opening", "active"):
+                self.interrupt(u, exc)

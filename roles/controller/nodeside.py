@@ -93,8 +93,11 @@ class NodeSide:
         t.bytes_done += raw_len
         self.credit.release(node.node_id, wire_len, t.device_id)
         self.to_agent(t, frames=frames, name=msg.t)
+        # the device is charged the chunk's bytes as the broker forwarded them (and the node keeps them)
+        if self.quotas.stored(t.device_id, wire_len):
+            self.quota_reached(t)
         self.serve_waiting(node)  # those already waiting go first
-        if not self.credit.is_waiting(node.node_id, t.transfer_id, t.device_id):
+        if not t.finished and not self.credit.is_waiting(node.node_id, t.transfer_id, t.device_id):
             self.grant_credit(node, t)
 
     def node_COMMITTED(self, node, msg, frames) -> None:

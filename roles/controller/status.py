@@ -59,6 +59,8 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
     storage = [n.status() for n in registry.nodes_by_id.values()]
     storage += [n.status() for n in registry.lost_nodes.values()]
     shown_agents = agents[:cap]
+    for entry in shown_agents:
+        entry.update(controller.quotas.figures(entry["device_id"]))
     known = len(registry.known_devices) if device_id is None else len(agents)
     transfers = [t.status() for t in islice(live, cap)]
     restores = controller.restores
