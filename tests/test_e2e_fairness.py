@@ -5,7 +5,7 @@ writes are slowed (`fault_write_rate`) and whose credit window is four chunks, s
 gets stored is decided by the credit it is granted. While both are busy, the bytes stored for each
 (status `stored_bytes`, what the node acknowledged for the device) grow at the same rate within
 20%: a share measured within one run, not a timing. Measured: 0.96 to 1.04; with the scheduler from
-before fair shares (first come, first served) 7.7, and with the per-device cap alone (no share) 1.3
+before fair shares (first come, first served) 7.7, and with devices served round robin but no per-device cap 1.3
 to 1.5. tests/test_unit_credit.py shows the rule on a fake clock.
 """
 

@@ -141,7 +141,7 @@ def test_status_summary_is_right_with_1000_registered_devices(calm_cluster):
         assert not any(a["connected"] for a in doc["agents"] if a["device_id"] < "dev-0100")
         # narrowed to one device, the summary stays global
         one = cluster.run("status", "--broker", cluster.status_endpoint, "--json", "--device", "dev-0500").json
-        assert one["agents"] == [{"device_id": "dev-0500", "connected": True}]
+        assert one["agents"] == [{"device_id": "dev-0500", "connected": True, "stored_bytes": 0, "quota_bytes": None}]
         assert one["summary"]["devices_connected"] == FLEET - 100
         assert fleet.errors == []
 
