@@ -50,10 +50,9 @@ def test_a_device_past_its_quota_is_refused_while_another_commits_and_its_usage_
     used_a = agents["office-a"]["stored_bytes"]
     assert agents["office-a"]["quota_bytes"] == QUOTA_A  # the exact id, not office-*
     assert QUOTA_A < used_a <= QUOTA_A + IN_FLIGHT_MAX, used_a  # stopped at the STORED that passed it
-    assert used_a < a["bytes_sent"] + CHUNK  # what was stored, never more than what was sent
+    assert used_a <= a["bytes_sent"]  # what was stored, never more than what was sent
     # office-b's usage is what it sent (zeros and repeats travel as nothing) and its quota the pattern's
-    assert agents["office-b"] == {"device_id": "office-b", "connected": False, "stored_bytes": b["bytes_sent"],
-                                  "quota_bytes": QUOTA_B}
+    assert (agents["office-b"]["stored_bytes"], agents["office-b"]["quota_bytes"]) == (b["bytes_sent"], QUOTA_B)
     parked = [t for t in status["transfers"] if t["device_id"] == "office-a" and t["state"] == "parked"]
     assert parked and all(t["reason"].startswith("quota_exceeded") for t in parked), status["transfers"]
     # the interruption, then an offer refused for each retry (four attempts in --once)

@@ -15,6 +15,8 @@ from roles.controller import catalog
 from roles.controller.catalog import CatalogStore, CatalogVersionError
 from roles.controller.quota import SAVE_INTERVAL_S, DeviceQuotas
 from roles.quotarules import parse_quota
+from schemas import make
+from tests.test_unit_stall_watchdog import CHUNK, NODE, Broker  # the Controller driven by hand
 
 GiB, TiB = 1 << 30, 1 << 40
 
@@ -185,3 +187,51 @@ def test_a_catalog_newer_than_the_broker_is_refused(tmp_path):
     with pytest.raises(CatalogVersionError) as info:
         CatalogStore(str(tmp_path / "broker"))
     assert "newer than this broker" in str(info.value)
+
+
+# --- the rule on the Controller (the test plays the agents and the node) ------------------------------
+
+
+def test_a_stored_past_the_quota_parks_the_uploads_still_sending_not_one_committing_nor_others(tmp_path):
+    broker = Broker(tmp_path, node_window=64 * CHUNK, quota=parse_quota({"office-1": 3 * CHUNK // 2}))
+    agent = ("agent", b"office-1")
+    broker.says(agent, make("HELLO", device_id="office-1"))
+    tids = {}
+    for req, dataset in enumerate(("fs", "db"), start=1):
+        broker.says(agent, make("OFFER", req=req, dataset=dataset, snapshot="s1", image_size=2 * CHUNK,
+                                chunk_size=CHUNK, chunk_count=2))
+        tids[dataset] = broker.to(NODE, "OPEN")[-1]["transfer_id"]
+        broker.node_says(make("OPENED", transfer_id=tids[dataset]))
+    other = broker.upload("office-2", chunks=4)
+    names = {"fs": [b"\x01" * 32, b"\x02" * 32], "db": [b"\x03" * 32, b"\x04" * 32]}
+    for dataset, tid in tids.items():
+        broker.says(agent, make("QUERY", transfer_id=tid, start=0, hashes=names[dataset]))
+        broker.node_says(make("MISSING", transfer_id=tid, start=0, count=2, missing=[0, 1]))
+    for name in names["fs"]:  # fs sends everything and commits; db has credit and is still sending
+        broker.says(agent, make("CHUNK", payload=[bytes(CHUNK)], transfer_id=tids["fs"], hash=name, raw_len=CHUNK,
+                                codec="raw"))
+    broker.says(agent, make("COMMIT", transfer_id=tids["fs"], image_blake3=None))
+    fs = broker.core.transfers[tids["fs"]]
+    for name in names["fs"]:
+        broker.node_says(make("STORED", transfer_id=tids["fs"], hash=name, raw_len=CHUNK, wire_len=CHUNK))
+    assert broker.core.quotas.usage["office-1"] == 2 * CHUNK  # past 1.5 chunks
+    assert fs.state == "committing", "an upload that sent everything was interrupted"
+    assert broker.state(tids["db"]) == "parked"
+    errors = broker.to(agent, "ERROR")
+    assert [(e["code"], e["transfer_id"]) for e in errors] == [("quota_exceeded", tids["db"])]
+    assert tids["db"] in {m["transfer_id"] for m in broker.to(NODE, "ABORT")}
+    assert broker.core.credit.nodes["node-a"].held.get("office-1", 0) == 0  # db's credit went back
+    # office-2 is not affected: its upload is granted credit as before
+    broker.slice_answered("office-2", other, 0, missing=[0])
+    assert broker.to(("agent", b"office-2"), "CREDIT") and not broker.to(("agent", b"office-2"), "ERROR")
+    # the next OFFER of office-1 is refused before anything is opened on the node
+    opens = len(broker.to(NODE, "OPEN"))
+    broker.says(agent, make("OFFER", req=9, dataset="logs", snapshot="s1", image_size=CHUNK, chunk_size=CHUNK,
+                            chunk_count=1))
+    assert broker.to(agent, "ERROR")[-1]["code"] == "quota_exceeded" and len(broker.to(NODE, "OPEN")) == opens
+    assert broker.core.history.parked[("office-1", "logs", "s1")].reason.startswith("quota_exceeded")
+    # and the commit goes through
+    broker.node_says(make("COMMITTED", transfer_id=tids["fs"], device_id="office-1", dataset="fs", snapshot="s1",
+                          image_size=2 * CHUNK, chunk_count=2, image_blake3=b"\x05" * 32))
+    broker.at(broker.now + 0.01)
+    assert broker.state(tids["fs"]) == "committed"

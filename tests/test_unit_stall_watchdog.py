@@ -26,9 +26,9 @@ NODE = ("node", b"node-a")
 
 
 class Broker:
-    def __init__(self, tmp_path, node_window: int):
+    def __init__(self, tmp_path, node_window: int, **config):
         config = BrokerConfig(insecure=True, data_dir=str(tmp_path / "broker"), stall_timeout_ms=int(STALL_S * 1000),
-                              heartbeat_interval_ms=60_000)
+                              heartbeat_interval_ms=60_000, **config)
         os.makedirs(config.data_dir, exist_ok=True)
         store = CatalogStore(config.data_dir)
         self.core = Controller(config, store, CatalogIndex(store.placements()))
