@@ -21,8 +21,11 @@ The rule an operator sees:
   upload that has sent everything and is committing goes on, since it adds
   nothing more. Usage can therefore end above the quota by what was already
   in flight when it was reached: at most each such upload's credit window.
-  (Chunks of an interrupted upload that land after it ended are not charged:
-  the broker has forgotten the transfer. That too is one window, once.)
+  (Chunks that land after their upload ended, interrupted or aborted by its
+  agent, are not charged: the broker has forgotten the transfer, and the
+  node keeps them for the device only if it stored them before the ABORT.
+  At most one window per upload that ends with chunks in flight; charging
+  them needs the node to say which it kept.)
 
 Which quota a device has is `roles/quotarules.py`'s (exact id, then the
 longest pattern, else unlimited); it is looked up once per device and kept.
