@@ -138,7 +138,7 @@ class Cluster:
         self.keys = self.root / "keys"
         self.procs: dict[str, subprocess.Popen] = {}
         self.servers: set[str] = set()  # long-running roles: they must outlive the test
-        self.commands: dict[str, tuple] = {}  # name -> (args, server, kind): what restart() runs again
+        self.commands: dict[str, tuple] = {}  # name -> (args, server, kind, nofile): what restart() runs again
         self.crashed: list[subprocess.Popen] = []  # ended by kill9 or terminate; reaped at stop
         self._log_files: list = []
         self._runs = 0
