@@ -17,9 +17,11 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import urllib.request
 
 import pytest
 
+from roles.localprocs import free_ports
 from roles.sampleimages import generate_image
 from tests.harness import MiB, RawClient, assert_restores, uploads_of
 
@@ -65,13 +67,22 @@ def fill(directory) -> int:
     return size
 
 
+def gauges(listen: str) -> dict:
+    """The broker's catalog gauges, as a scrape reads them (published once a second)."""
+    text = urllib.request.urlopen(f"http://{listen}/metrics", timeout=5).read().decode()
+    return {name: float(value) for name, _, value in (line.partition(" ") for line in text.splitlines())
+            if name in ("speedsync_catalog_available", "speedsync_catalog_rows_waiting")}
+
+
 def catalog_state(cluster) -> dict:
     return (cluster.try_status() or {"broker": {}})["broker"].get("catalog", {})
 
 
 def test_a_full_broker_data_dir_holds_the_commit_refuses_offers_and_recovers_when_space_returns(
         broker_tmpfs, cluster, zctx, tmp_path):
-    cluster.start_broker(data_dir=str(broker_tmpfs))
+    (port,) = free_ports(1)
+    metrics_at = f"127.0.0.1:{port}"
+    cluster.start_broker(data_dir=str(broker_tmpfs), metrics_listen=metrics_at)
     cluster.start_storage("node-a")
     directory = cluster.dataset_dir("office-1", "fs")
     first = generate_image(str(directory / "s1.img"), 2 * MiB, seed=90)
@@ -94,6 +105,8 @@ def test_a_full_broker_data_dir_holds_the_commit_refuses_offers_and_recovers_whe
     assert catalog["available"] is False and catalog["reason"] == "SQLITE_FULL: database or disk is full", catalog
     assert catalog["rows_waiting"] == 1, catalog
     assert upload["reason"].startswith("catalog_unavailable: SQLITE_FULL"), upload
+    held_gauges = {"speedsync_catalog_available": 0.0, "speedsync_catalog_rows_waiting": 1.0}
+    cluster.wait_for(lambda: gauges(metrics_at) == held_gauges, 10, "the catalog gauges showing the held row")
 
     # the broker serves on: status and LIST answer (the disk still serves reads), a new offer is refused
     assert cluster.running("broker") and cluster.node_alive("node-a")
@@ -114,5 +127,6 @@ def test_a_full_broker_data_dir_holds_the_commit_refuses_offers_and_recovers_whe
     catalog = catalog_state(cluster)
     assert catalog["available"] is True and catalog["rows_waiting"] == 0 and catalog["outages"] == 1, catalog
     assert cluster.status()["broker"]["errors_by_code"].get("catalog_unavailable") == 1
+    cluster.wait_for(lambda: gauges(metrics_at)["speedsync_catalog_available"] == 1.0, 10, "the catalog gauge back")
     assert_restores(cluster, cfg, "fs", "s2", second, tmp_path)
     assert_restores(cluster, cfg, "fs", "s1", first, tmp_path)
