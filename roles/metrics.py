@@ -160,6 +160,10 @@ class BrokerMetrics(Publisher):
         self.sessions = self.gauge("speedsync_agent_sessions", "Agent connections registered")
         self.dropped = self.counter("speedsync_dropped_messages", "Messages dropped: peer gone, queue full, "
                                     "or invalid frames")
+        self.catalog_up = self.gauge("speedsync_catalog_available", "1 while the catalog can record, 0 while a "
+                                     "full or failing data_dir holds its writes")
+        self.catalog_waiting = self.gauge("speedsync_catalog_rows_waiting", "Snapshots committed on their node "
+                                          "whose catalog row is not yet durable (their agents not yet told)")
 
     def publish(self) -> None:
         core = self.controller
@@ -187,6 +191,8 @@ class BrokerMetrics(Publisher):
             self.last_commit.labels(device_id, dataset).set(at)
         self._commits_seen = commits.updates
         self.copy(self.dropped, self.figures().get("dropped_messages", 0))
+        self.catalog_up.set(1 if core.catalog_health.available else 0)
+        self.catalog_waiting.set(len(core.rows_waiting) + len(core.batch_in_flight))
 
 
 class StorageMetrics(Publisher):

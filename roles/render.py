@@ -89,6 +89,11 @@ def status_view(status: dict) -> View:
     b = status["broker"]
     lines = [f"broker: rss {format_bytes(b['rss_bytes'])}, dropped {b['dropped_messages']}, "
              f"errors {b['errors_by_code'] or 'none'}"]
+    catalog = b.get("catalog")
+    if catalog and not catalog["available"]:
+        lines.append(f"catalog UNAVAILABLE for {catalog['unavailable_for_s']:.0f}s: {catalog['reason']} "
+                     f"({catalog['rows_waiting']} snapshots held, not yet told committed; "
+                     f"next try in {catalog['retry_in_s']:.1f}s)")
     if "summary" in status:
         lines.append(summary_line(status["summary"]))
     return View(lines, [

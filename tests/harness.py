@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -137,7 +138,7 @@ class Cluster:
         self.keys = self.root / "keys"
         self.procs: dict[str, subprocess.Popen] = {}
         self.servers: set[str] = set()  # long-running roles: they must outlive the test
-        self.commands: dict[str, tuple] = {}  # name -> (args, server, kind): what restart() runs again
+        self.commands: dict[str, tuple] = {}  # name -> (args, server, kind, nofile): what restart() runs again
         self.crashed: list[subprocess.Popen] = []  # ended by kill9 or terminate; reaped at stop
         self._log_files: list = []
         self._runs = 0
@@ -225,10 +226,12 @@ class Cluster:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def spawn(self, name: str, *args, server: bool = True, kind: str = "") -> subprocess.Popen:
+    def spawn(self, name: str, *args, server: bool = True, kind: str = "", nofile: int | None = None
+              ) -> subprocess.Popen:
         """Start `python -m roles ARGS` in the background, stderr to logs/NAME.log.
 
         A server's stdout goes to its log too; otherwise it is a pipe, read by `finish`.
+        `nofile`: the process's soft RLIMIT_NOFILE (descriptors it may hold), set before it starts.
         """
         assert name not in self.procs, f"process {name} already started"
         log = open(self.logs / f"{name}.log", "ab")
@@ -236,11 +239,14 @@ class Cluster:
             log.write(f"\n----- {name} started again -----\n".encode())
             log.flush()
         self._log_files.append(log)
+        def limit_descriptors():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         proc = subprocess.Popen([sys.executable, "-m", "roles", *map(str, args)], cwd=self.root,
                                 stdin=subprocess.DEVNULL, stdout=log if server else subprocess.PIPE, stderr=log,
-                                env=self._env())
+                                env=self._env(), preexec_fn=limit_descriptors if nofile else None)
         self.procs[name] = proc
-        self.commands[name] = (args, server, kind)
+        self.commands[name] = (args, server, kind, nofile)
         if server:
             self.servers.add(name)
         return proc
@@ -268,8 +274,8 @@ class Cluster:
 
     def restart(self, name: str) -> subprocess.Popen:
         """Run a killed role's command line again (same config, same ports, same data), ready when it returns."""
-        args, server, kind = self.commands[name]
-        proc = self.spawn(name, *args, server=server, kind=kind)
+        args, server, kind, nofile = self.commands[name]
+        proc = self.spawn(name, *args, server=server, kind=kind, nofile=nofile)
         if kind == "broker":
             self.wait_for(lambda: self.try_status() is not None, 20, "the restarted broker's status socket")
         elif kind == "storage":
@@ -314,8 +320,10 @@ class Cluster:
         }
         return self.write_config(node_id, conf)
 
-    def start_storage(self, node_id: str = "node-a", **overrides) -> subprocess.Popen:
-        proc = self.spawn(node_id, "storage", "--config", self.storage_config(node_id, **overrides), kind="storage")
+    def start_storage(self, node_id: str = "node-a", nofile: int | None = None, **overrides) -> subprocess.Popen:
+        """`nofile`: a low descriptor limit for the node process (spawn)."""
+        proc = self.spawn(node_id, "storage", "--config", self.storage_config(node_id, **overrides), kind="storage",
+                          nofile=nofile)
         self.wait_for(lambda: self.node_alive(node_id), 20, f"storage node {node_id} alive in status")
         return proc
 

@@ -8,12 +8,20 @@
   each fsync as it returns).
 - A full ownership log and a manifest that cannot be written park the
   upload with the reason in status; the node keeps serving everyone else.
+- 2,000 devices on one node whose process may hold 128 descriptors: each
+  stores a chunk (its ownership log among them); then, with every descriptor
+  taken, the next device's upload parks with `Too many open files` in status,
+  and commits by itself once descriptors are free again.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import blake3
 
 from bench.timing import Uploader, compare, measure
 from roles.sampleimages import generate_image
@@ -158,3 +166,59 @@ def test_a_manifest_that_cannot_be_written_parks_the_commit_and_it_completes_by_
     assert_restores(cluster, cfg, "fileserver", "s1", digest, tmp_path)
     manifests = list((cluster.node_dir("node-a") / "manifests").rglob("*.manifest"))
     assert len(manifests) == 1, manifests
+
+
+NODE_NOFILE = 128  # the node's RLIMIT_NOFILE: its ownership logs' pool gets a quarter of it
+DEVICES = 2000
+DRIVERS = 16  # devices in flight at once, one DEALER each
+
+
+def store_one_chunk_as(ctx, frontend: str, device_id: str) -> bool:
+    """A device says HELLO, offers a one-chunk snapshot, stores the chunk and says BYE."""
+    chunk = b"shared chunk".ljust(4096, b".") if device_id[-1] in "02468" else os.urandom(4096)
+    uploader = Uploader(ctx, frontend, device_id)
+    try:
+        (name,) = uploader.open("ds", "s1", [chunk], 4096)
+        uploader.store(name, chunk)
+        uploader.client.send("BYE")
+        return name == blake3.blake3(chunk).digest()
+    finally:
+        uploader.close()
+
+
+def test_two_thousand_devices_on_a_node_with_few_descriptors_and_emfile_parks_with_its_reason(cluster, zctx,
+                                                                                            tmp_path):
+    cluster.start_broker(log_level="INFO")  # not a debug line per message of 2,000 devices
+    node = cluster.start_storage("node-a", nofile=NODE_NOFILE, log_level="INFO")
+    devices = [f"dev-{i:04d}" for i in range(DEVICES)]
+    with ThreadPoolExecutor(DRIVERS) as drivers:
+        stored = list(drivers.map(lambda d: store_one_chunk_as(zctx, cluster.frontend, d), devices))
+    assert all(stored) and len(stored) == DEVICES
+    assert len(list((cluster.node_dir("node-a") / "owners").glob("dev-*.log"))) == DEVICES
+    assert cluster.running("node-a") and cluster.node_alive("node-a")
+
+    # every descriptor the node may have is taken: its limit lowered below what it holds now (a few
+    # below: one it closes, an ownership log giving way, must not make room for the next open)
+    cluster.wait_for(lambda: not [t for t in cluster.status()["transfers"] if t["state"] in ("opening", "active")],
+                     30, "the devices' uploads closed on the node")
+    held = len(os.listdir(f"/proc/{node.pid}/fd"))
+    assert 8 < held < NODE_NOFILE
+    hard = resource.prlimit(node.pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (held - 4, hard))
+    directory = cluster.dataset_dir("office-1", "fs")
+    digest = generate_image(str(directory / "s1.img"), 2 * MiB, seed=83, zero_fraction=0.0)
+    cfg = cluster.agent_config("office-1", [{"name": "fs", "path": directory}])
+    agent = cluster.start_agent_once(cfg)
+    try:
+        (parked,) = cluster.wait_for(lambda: parked_with(cluster, "office-1", "fs", "s1", "Too many open files")[:1],
+                                     60, "the upload parked for want of descriptors on the node")
+        assert parked["reason"].startswith("storage_error: "), parked
+        assert cluster.running("node-a") and cluster.node_alive("node-a")
+        assert agent.poll() is None, "the agent gave up on a parked upload"
+    finally:
+        resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (NODE_NOFILE, hard))  # descriptors free again
+    rc, doc, log = cluster.finish_agent("agent-office-1", timeout_s=60)
+    assert rc == 0, log
+    assert [t["state"] for t in doc["transfers"]] == ["committed"], doc
+    assert_restores(cluster, cfg, "fs", "s1", digest, tmp_path)
+    assert cluster.running("node-a")

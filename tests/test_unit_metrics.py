@@ -84,6 +84,7 @@ def test_a_scrape_reads_what_the_three_cores_counted(tmp_path):
     assert b[("speedsync_node_free_bytes", (("node", "node-a"),))] == 1 << 40
     assert b[("speedsync_transfers", (("state", "active"),))] == 0
     assert b[("speedsync_transfers_finished_total", (("state", "committed"),))] == 2
+    assert b[("speedsync_catalog_available", ())] == 1 and b[("speedsync_catalog_rows_waiting", ())] == 0
     assert "process_resident_memory_bytes" in {name for name, _ in b}
 
     on_disk = sum(1 for p in router.chunks.root.rglob("*") if p.is_file())

@@ -59,6 +59,7 @@ class AgentSide:
 
     def agent_OFFER(self, session, msg, frames) -> None:
         self.require_own(session, msg)
+        self.require_catalog_writable()  # before anything is made: its commit could not be recorded
         if ImageGeometry(msg["image_size"], msg["chunk_size"]).chunk_count != msg["chunk_count"]:
             raise RequestError("chunk_count does not match image_size and chunk_size", "bad_field")
         device, dataset, snapshot = session.device_id, msg["dataset"], msg["snapshot"]
@@ -96,7 +97,7 @@ class AgentSide:
         if t is None or t.state != "checking":
             return  # aborted or offered again meanwhile
         if error is not None:
-            self.catalog_failed(t, "OFFER", error)
+            self.catalog_failed(t, "OFFER", error)  # unavailable: parked with the reason
             return
         if existing is not None:  # snapshots are immutable once named (DESIGN.md)
             self.history.unpark(t.key, self.now)
@@ -158,13 +159,6 @@ class AgentSide:
         self.send(node, make("READ", transfer_id=t.transfer_id, device_id=t.device_id, dataset=t.dataset,
                              snapshot=t.snapshot, window=t.window))
         self.to_agent(t, make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=node.node_id, committed=False))
-
-    def catalog_failed(self, t: Transfer, ref: str, error: BaseException) -> None:
-        logger.error("catalog failed for {} {}/{}/{}: {}", t.transfer_id, *t.key, error)
-        exc = RequestError("the catalog could not answer; try again", "internal")
-        self.finish(t, "failed", f"catalog: {error}")
-        self.count_error(exc.code)
-        self.to_agent(t, error_message(exc, ref=ref, req=t.req))
 
     def owned(self, session, msg) -> Transfer:
         """The sender's own transfer, moved by the table (a violation ends it in error)."""

@@ -25,10 +25,16 @@ has had; opening one applies the rest in order, each in its own transaction
 with the version it brings, so a catalog written before a migration is
 upgraded in place (its rows kept) and one cut short by a crash resumes. A
 catalog newer than this broker is refused rather than misread.
+
+An SQLite error does not end the broker: every call runs on the pool, its
+error comes back to the controller, and `unavailable_reason` tells a
+catalog that cannot serve now (full disk, I/O error: held and tried again,
+cataloghealth.py) from a bug (the one request fails `internal`).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import Counter
 
@@ -52,6 +58,10 @@ CREATE TABLE IF NOT EXISTS placements (
     dataset TEXT NOT NULL,
     node_id TEXT NOT NULL,
     PRIMARY KEY (device_id, dataset)
+);
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY,
+    written_at REAL NOT NULL
 );
 """
 # version -> what brings a catalog to it from the version before (append only: never edit a released one)
@@ -103,16 +113,30 @@ class CatalogStore:
         """Group commit: every row in one transaction, so one fsync covers them all.
         Returns their `committed_at` (wall-clock seconds)."""
         committed_at = time.time()
+        self._end_stray_transaction()
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                 [(*row, committed_at) for row in rows])
             self.db.execute("COMMIT")
         except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            self._end_stray_transaction()
             raise
         return committed_at
+
+    def probe(self) -> None:
+        """One small durable write: whether the catalog can record again (its disk has room)."""
+        self._end_stray_transaction()
+        self.db.execute("INSERT OR REPLACE INTO probe VALUES (1, ?)", (time.time(),))
+
+    def _end_stray_transaction(self) -> None:
+        """Roll back what a failed commit left open (SQLite does not always), so the next
+        BEGIN is not refused for ever; a rollback that fails too leaves it to the next call."""
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def list(self, device_id: str | None = None, dataset: str | None = None, after: tuple | None = None,
              limit: int = 1000) -> tuple[list[dict], tuple | None]:
@@ -220,6 +244,15 @@ class CatalogIndex:
 
     def datasets_on(self, node_id: str) -> int:
         return self._datasets_per_node[node_id]
+
+
+def unavailable_reason(error: BaseException) -> str | None:
+    """The reason, if `error` says the catalog cannot serve now (its disk is full or failing, its file
+    cannot be opened or is damaged) rather than that a request was wrong; else None."""
+    if isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError:
+        name = getattr(error, "sqlite_errorname", None)
+        return f"{name}: {error}" if name else str(error)
+    return None
 
 
 def _row(r) -> dict:

@@ -9,7 +9,8 @@ driver (`roles/broker.py`) feeds it and executes what it returns
 runs on the loop. Handlers are found through a dispatch table per side,
 built once and checked against `schemas.MESSAGES`; every state change goes
 through `transfers.py`'s table. The handlers of each side live in
-`agentside.py` and `nodeside.py`; live enrolment and revocation (which
+`agentside.py` and `nodeside.py`, group commit and what a failing catalog
+does in `catalogside.py`; live enrolment and revocation (which
 connections a removed key leaves refused) in `enrolment.py`.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from bus.deadlines import Deadlines
-from bus.effects import Forward, Send, Submit
+from bus.effects import Forward, Send
 from bus.errors import RequestError
 from roles.controller import status as status_doc
 from roles.controller.budgets import DeviceBudgets
@@ -29,6 +30,8 @@ from roles.controller.credit import CreditScheduler
 from roles.controller.history import History
 from roles.controller.lastcommit import LastCommits
 from roles.controller.agentside import AgentSide
+from roles.controller.catalogside import CatalogSide
+from roles.controller.cataloghealth import CatalogHealth
 from roles.controller.enrolment import Enrolment
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
@@ -68,7 +71,7 @@ class ControllerStatistics:
     received_bytes: int = 0  # CHUNK payload bytes accepted from agents (as they travelled)
 
 
-class Controller(AgentSide, NodeSide, Enrolment):
+class Controller(AgentSide, NodeSide, CatalogSide, Enrolment):
     def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict,
                  wall_clock=None, usage=None):
         """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex;
@@ -106,7 +109,9 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.last_commits.merge((d, s, at) for (d, s), at in index.newest_commit.items() if at is not None)
         self.committed_frames: dict[str, list] = {}  # COMMITTED waiting for its catalog row
         self.rows_waiting: dict[str, tuple] = {}  # transfer id -> catalog row, for the next batch
-        self.batch_in_flight: tuple = ()  # transfer ids whose rows the catalog is writing
+        self.batch_in_flight: dict[str, tuple] = {}  # the rows the catalog is writing, by transfer id
+        self.probe_in_flight = False
+        self.catalog_health = CatalogHealth()  # unavailable: writes held and tried again (cataloghealth.py)
         self.handlers = {side: {t: getattr(self, name) for t, name in table.items()}
                          for side, table in DISPATCH.items()}
         self.now = 0.0
@@ -151,9 +156,9 @@ class Controller(AgentSide, NodeSide, Enrolment):
         elif kind == "list":
             self.listed(key[1], result, error)
         elif kind == "usage":
-            if error is not None:
-                logger.error("saving the devices' stored bytes failed (kept, saved again): {}", error)
-            self.quotas.saved(error)
+            self.usage_saved(error)
+        elif kind == "probe":
+            self.probed(error)
         return self.out
 
     def on_time(self, now: float) -> list:
@@ -174,16 +179,13 @@ class Controller(AgentSide, NodeSide, Enrolment):
         self.restores_idle()
         self.history.expire(now)
         self.flush_records()
-        usage = self.quotas.due_save(now)
-        if usage:
-            self.out.append(Submit("catalog", ("usage",), self.store.save_usage, (usage,)))
+        self.save_usage()
         return self.out
 
     def next_deadline(self) -> float | None:
-        if self.rows_waiting and not self.batch_in_flight:
-            return self.now  # rows to hand the catalog: at the end of this turn
-        due = [d for d in (self.registry.next_due(), self.stalls.next_due(), self.restores.next_due(),
-                           self.history.next_expiry(), self.quotas.next_deadline())
+        # rows to hand the catalog are due at the end of this turn, unless it is unavailable and backing off
+        due = [d for d in (self.catalog_due(), self.registry.next_due(), self.stalls.next_due(),
+                           self.restores.next_due(), self.history.next_expiry(), self.quotas.next_deadline())
                if d is not None]
         return min(due) if due else None
 
@@ -243,25 +245,6 @@ class Controller(AgentSide, NodeSide, Enrolment):
 
     def status_LIST(self, peer, msg, frames) -> None:
         self.list_page(peer, msg.get("device_id"), msg)
-
-    def list_page(self, peer, device_id: str | None, msg) -> None:
-        """One page of the catalog, read on the catalog thread (keyset: rows after `after`)."""
-        after = msg.get("after")
-        if after is not None and len(after) != 3:
-            raise RequestError("after is (device_id, dataset, snapshot)", "bad_field")
-        self.out.append(Submit("catalog", ("list", peer), self.store.list,
-                               (device_id, msg.get("dataset"), tuple(after) if after else None,
-                                self.config.list_page_size)))
-
-    def listed(self, peer, page, error) -> None:
-        if error is not None:
-            logger.error("catalog list failed: {}", error)
-            self.reply_error(peer, RequestError("the catalog could not answer; try again", "internal"), ref="LIST")
-            return
-        rows, next_key = page
-        session = self.registry.session(*peer) if peer[0] != "status" else None
-        fields = {"next": list(next_key)} if next_key is not None else {}
-        self.send(session if session is not None else peer, make("LIST_REPLY", snapshots=rows, **fields))
 
     def status(self, device_id: str | None = None) -> dict:
         """Built per request from memory (no catalog query): the summary's counts are kept as

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from loguru import logger
 
-from bus.effects import Submit
 from bus.errors import RequestError
 from roles.controller.transfers import NODE, Transfer, advance
 from schemas import error_message, make
@@ -112,41 +111,6 @@ class NodeSide:
         # group commit: rows that arrive together share one transaction (one fsync); see flush_records
         self.rows_waiting[t.transfer_id] = (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
                                             msg["chunk_count"], msg["image_blake3"])
-
-    def flush_records(self) -> None:
-        """Hand the catalog every row waiting, as one batch, unless a batch is
-        already being written: then they wait for it and go together next."""
-        if not self.rows_waiting or self.batch_in_flight:
-            return
-        batch, self.rows_waiting = self.rows_waiting, {}
-        self.batch_in_flight = tuple(batch)
-        self.out.append(Submit("catalog", ("records", self.batch_in_flight), self.store.record_many,
-                               (list(batch.values()),)))
-
-    def batch_recorded(self, tids: tuple, error, committed_at: float | None = None) -> None:
-        self.batch_in_flight = ()
-        for tid in tids:
-            self.recorded(tid, error, committed_at)
-        self.flush_records()
-
-    def recorded(self, tid: str, error, committed_at: float | None = None) -> None:
-        frames = self.committed_frames.pop(tid, None)
-        t = self.transfers.get(tid)
-        if t is None or t.state != "recording":
-            return
-        if error is not None:
-            self.catalog_failed(t, "COMMIT", error)
-            return
-        advance(t, "catalog", "recorded")  # final: committed, assigned by finish
-        self.snapshots_committed += 1
-        if committed_at is not None:
-            self.last_commits.record(t.device_id, t.dataset, committed_at)
-        self.placement.placed(t.device_id, t.dataset, t.node_id)
-        self.index.committed(t.device_id, t.dataset, committed_at)
-        t.bytes_done = t.image_size
-        self.to_agent(t, frames=frames, name="COMMITTED")
-        self.finish(t, "committed")
-        logger.info("committed {}/{}/{} on {}", t.device_id, t.dataset, t.snapshot, t.node_id)
 
     def node_IMAGE(self, node, msg, frames) -> None:
         t = self.placed(node, msg)

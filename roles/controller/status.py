@@ -43,6 +43,12 @@ def summary(controller, wall_now: float | None) -> dict:
     }
 
 
+def catalog(controller) -> dict:
+    """Whether the catalog can record, why not, and the rows held meanwhile (cataloghealth.py)."""
+    return {**controller.catalog_health.status(controller.now),
+            "rows_waiting": len(controller.rows_waiting) + len(controller.batch_in_flight)}
+
+
 def document(controller, figures: dict, device_id: str | None = None, wall_now: float | None = None) -> dict:
     registry = controller.registry
     cap = controller.config.status_items_max
@@ -83,5 +89,5 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
         "broker": {"rss_bytes": figures.get("rss_bytes", 0), "dropped_messages": figures.get("dropped_messages", 0),
                    "errors_by_code": dict(controller.errors_by_code), "active_transfers": len(controller.transfers),
                    "restore_in_flight_bytes": sum(restores.node_in_flight.values()),
-                   "max_chunk_size": MAX_CHUNK_SIZE},
+                   "max_chunk_size": MAX_CHUNK_SIZE, "catalog": catalog(controller)},
     }
