@@ -114,3 +114,4 @@ def test_the_real_core_commits_an_honest_upload_while_another_device_queued_64_G
     assert committed["transfer_id"] == "t-good" and committed["image_blake3"] == blake3.blake3(raw).digest()
     # mallory's 64 GiB are still queued (a turn of 32 MiB each), not hashed before the commit
     assert node.core.image_turns.statistics().devices_waiting == 1
+

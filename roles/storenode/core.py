@@ -91,7 +91,7 @@ class StorageCore(CommitPath):
         self.uploads: dict[str, UploadSession] = {}
         self.in_flight = DeviceInFlight()
         self.sessions_per_device: dict[str, int] = {}  # open upload sessions by device
-        self.assembler = PieceAssembler()
+        self.assembler = PieceAssembler(window)  # a device's chunk bytes in pieces: at most the window
         self.hashes = ImageHashes(chunks, manifests)  # its methods run on the image thread only
         self.image_turns = ImageTurns(self.hashes)  # what the image thread runs next, device by device
         self.pump = RestorePump(chunks, read_hook)
@@ -337,8 +337,8 @@ class StorageCore(CommitPath):
         # A chunk refused (not asked for, a bad piece) is refused alone: the
         # broker returns its credit and the transfer goes on (ERROR ref CHUNK).
         session.expected_len(name, raw_len)
-        payload = self.assembler.add(session.transfer_id, name, msg.get("offset"), msg.get("total"),
-                                     msg.payload[0])
+        payload = self.assembler.add(session.transfer_id, session.device_id, name, msg.get("offset"),
+                                     msg.get("total"), msg.payload[0])
         if payload is None:
             return  # more pieces to come
         self._store(out, ("chunk", session.transfer_id, name, raw_len, len(payload)), self.chunks.store, name,
