@@ -34,7 +34,8 @@ CODES = {
     "commit_failed": "the manifest could not be committed",
     "conflict": "the snapshot exists with different content",
     "stalled": "the transfer made no acknowledged progress for too long",
-    "over_budget": "the device is over one of its budgets (device_uploads_max, restores_per_device, upload sessions on a node)",
+    "over_budget": "the device is over one of its budgets (device_uploads_max, restores_per_device, upload sessions "
+                   "or chunk bytes in pieces on a node)",
     "catalog_mismatch": "the node's answer disagrees with the catalog's record of the snapshot",
     "internal": "an unexpected failure on the answering side",
     "rate_limited": "the device sent QUERY slices faster than query_rate",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from loguru import logger
 
-from bus.effects import Send, Submit
+from bus.effects import Send
 from bus.errors import RequestError
 from roles.counting import decrement
 from roles.storenode.manifests import conflict as conflict_error, same_content
@@ -117,7 +117,7 @@ class CommitPath:
             self._error(out, RequestError("image hash incomplete at commit", "commit_failed"), "COMMIT",
                         transfer_id=tid)
             return
-        out.append(Submit("image", ("commit", tid), self.hashes.finish, (tid, manifest)))
+        self.image_turns.finish(session.device_id, tid, manifest)  # after its feeds, in the device's turn
 
     def _committed(self, key, result, error, now: float, out: list) -> None:
         tid = key[1]
@@ -152,7 +152,7 @@ class CommitPath:
         self.deadlines.cancel(("idle", tid))
         self.in_flight.unwait(session.device_id, tid)
         if not hashed:
-            out.append(Submit("image", ("drop", tid), self.hashes.drop, (tid,)))
+            self.image_turns.drop(session.device_id, tid)
         if session.awaiting:
             self.in_flight.release(session.device_id, session.awaiting)
             session.awaiting = set()

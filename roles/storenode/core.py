@@ -8,7 +8,9 @@ loads and chunk reads are `Submit`ted to the "store" pool and come back as
 `completed()`. Ownership (roles/storenode/ownership.py) is not thread-safe,
 so it is asked on the loop only, from memory; the pool checks only that the
 chunk files it names are still on disk (a scrub may have quarantined one).
-The whole-image hash runs on the one "image" thread (imagehash.py).
+The whole-image hash runs on the one "image" thread (imagehash.py), fed
+by device in bounded turns (imageturns.py), so one device's zeros never hold
+another's commit.
 
 A QUERY slice is answered in the order slices came, whatever order the pool
 answers in: each waits in its session's `pending_queries` until those before
@@ -32,6 +34,7 @@ from bus.effects import LOST
 from roles.storenode.assembly import PieceAssembler
 from roles.storenode.commits import CommitPath, describe
 from roles.storenode.imagehash import ImageHashes
+from roles.storenode.imageturns import ImageTurns
 from roles.storenode.restores import BROKER, RestorePump
 from roles.storenode.transitions import UPLOAD_TRANSITIONS as UPLOAD, advance
 from roles.storenode.uploads import DeviceInFlight, UploadSession
@@ -48,6 +51,7 @@ DEVICE_SESSIONS_MAX = 64
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
                                              "READ", "CREDIT")}}
 STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap"})
+IMAGE_KINDS = frozenset({"hash", "commit", "drop"})
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,9 @@ class StorageCore(CommitPath):
         self.uploads: dict[str, UploadSession] = {}
         self.in_flight = DeviceInFlight()
         self.sessions_per_device: dict[str, int] = {}  # open upload sessions by device
-        self.assembler = PieceAssembler()
+        self.assembler = PieceAssembler(window)  # a device's chunk bytes in pieces: at most the window
         self.hashes = ImageHashes(chunks, manifests)  # its methods run on the image thread only
+        self.image_turns = ImageTurns(self.hashes)  # what the image thread runs next, device by device
         self.pump = RestorePump(chunks, read_hook)
         self.deadlines = Deadlines()
         self.deadlines.schedule("space", now + heartbeat_interval_s)
@@ -143,6 +148,7 @@ class StorageCore(CommitPath):
         return self._counted(out)
 
     def _counted(self, out: list) -> list:
+        out.extend(self.image_turns.submits())
         self.store_pending += sum(1 for e in out if type(e) is Submit and e.pool == "store")
         return out
 
@@ -156,6 +162,8 @@ class StorageCore(CommitPath):
         kind = key[0]
         if kind in STORE_KINDS:
             self.store_pending -= 1
+        elif kind in IMAGE_KINDS:
+            self.image_turns.done()
         out: list = []
         done = self._completions.get(kind)
         if done is not None:
@@ -316,8 +324,7 @@ class StorageCore(CommitPath):
     def _advance_image(self, session: UploadSession, out: list) -> None:
         pieces = session.hashable_pieces(self._owns(session.device_id))
         if pieces:
-            out.append(Submit("image", ("hash", session.transfer_id), self.hashes.feed,
-                              (session.transfer_id, pieces)))
+            self.image_turns.feed(session.device_id, session.transfer_id, pieces)  # submitted in its turn
 
     def on_CHUNK(self, msg, now: float, out: list) -> None:
         session = self._upload(msg["transfer_id"], now)
@@ -330,8 +337,8 @@ class StorageCore(CommitPath):
         # A chunk refused (not asked for, a bad piece) is refused alone: the
         # broker returns its credit and the transfer goes on (ERROR ref CHUNK).
         session.expected_len(name, raw_len)
-        payload = self.assembler.add(session.transfer_id, name, msg.get("offset"), msg.get("total"),
-                                     msg.payload[0])
+        payload = self.assembler.add(session.transfer_id, session.device_id, name, msg.get("offset"),
+                                     msg.get("total"), msg.payload[0])
         if payload is None:
             return  # more pieces to come
         self._store(out, ("chunk", session.transfer_id, name, raw_len, len(payload)), self.chunks.store, name,
