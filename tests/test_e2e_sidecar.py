@@ -24,14 +24,20 @@ def by_key(doc) -> dict:
     return {(t["dataset"], t["snapshot"]): t for t in doc["transfers"]}
 
 
-def test_a_sidecar_that_under_reports_a_change_still_commits_the_true_image(cluster, tmp_path):
+def first_snapshot_committed(cluster, dev: str, seed: int, **agent_settings):
+    """Starts the cluster and commits s1 of dataset vm; returns its directory and the agent config."""
     cluster.start()
-    dev = "office-9"
     directory = cluster.dataset_dir(dev, "vm")
-    generate_image(str(directory / "s1.img"), CHUNKS * MiB, seed=91, zero_fraction=0.0, text_fraction=0.0)
-    cfg = cluster.agent_config(dev, [{"name": "vm", "path": directory}], cbt_sample_fraction=0.99)
-    rc, doc, stderr = cluster.run_agent_once(cfg)
+    generate_image(str(directory / "s1.img"), CHUNKS * MiB, seed=seed, zero_fraction=0.0, text_fraction=0.0)
+    cfg = cluster.agent_config(dev, [{"name": "vm", "path": directory}], **agent_settings)
+    rc, _, stderr = cluster.run_agent_once(cfg)
     assert rc == 0, stderr
+    return directory, cfg
+
+
+def test_a_sidecar_that_under_reports_a_change_still_commits_the_true_image(cluster, tmp_path):
+    dev = "office-9"
+    directory, cfg = first_snapshot_committed(cluster, dev, 91, cbt_sample_fraction=0.99)
 
     honest = tmp_path / "honest.changes"
     digest = mutate_chunks(str(directory / "s1.img"), str(tmp_path / "s2.img"), [2, 5], seed=92,
@@ -54,13 +60,8 @@ def test_a_sidecar_that_under_reports_a_change_still_commits_the_true_image(clus
 
 
 def test_an_honest_sidecar_reads_only_the_changed_chunks_and_the_sample(cluster, tmp_path):
-    cluster.start()
     dev = "office-10"
-    directory = cluster.dataset_dir(dev, "vm")
-    generate_image(str(directory / "s1.img"), CHUNKS * MiB, seed=93, zero_fraction=0.0, text_fraction=0.0)
-    cfg = cluster.agent_config(dev, [{"name": "vm", "path": directory}], cbt_sample_chunks=2)
-    rc, doc, stderr = cluster.run_agent_once(cfg)
-    assert rc == 0, stderr
+    directory, cfg = first_snapshot_committed(cluster, dev, 93, cbt_sample_chunks=2)
     digest = mutate_chunks(str(directory / "s1.img"), str(tmp_path / "s2.img"), [3], seed=94,
                            changes_path=str(directory / "s2.changes"))
     Path(tmp_path / "s2.img").rename(directory / "s2.img")
