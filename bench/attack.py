@@ -17,10 +17,12 @@ restore are renewed between rounds once they have ended.
 
 Prints the medians of the agent's commit seconds (OFFER to COMMITTED, from
 its --json) and of the agent process's wall time, the ratio attack/baseline
-against the issue's 3x, and the broker's and node's VmRSS before the attack,
-at its peak (sampled every 50 ms) and after (mallory gone, its transfers
-ended). Timings are never asserted: exit 0 when every honest snapshot
-committed and restores identical and no role died, else 1.
+against the issue's 3x, the broker's and node's VmRSS before the attack, at
+its peak (sampled every 50 ms) and after (mallory gone, its transfers ended),
+and their CPU seconds over the baseline rounds and over the attack (the
+node's shows the amplifier's zeros being hashed). Timings are never asserted:
+exit 0 when every honest snapshot committed, the last restores identical and
+no role died, else 1.
 """
 
 from __future__ import annotations
@@ -50,16 +52,23 @@ from tests.harness import MiB, Cluster, assert_restores  # noqa: E402
 
 TARGET_RATIO = 3.0  # the issue's bound on attack/baseline
 ROLES = ("broker", "node-a")
+RESTORE_IDLE_TIMEOUT_MS = 1500  # as in the test: mallory's unread restore is timed out and renewed
 
 
-def honest_round(cluster: Cluster, size: int, label: str, seed: int, attack=None) -> dict:
-    """Commit one fresh snapshot of office-1 with the real agent; `attack()` is called until it exits."""
+def prepare_round(cluster: Cluster, size: int, label: str, seed: int) -> dict:
+    """A fresh snapshot of office-1 in a dataset of its own, and the agent's config for it."""
     dataset = f"ds-{label}"
     directory = cluster.dataset_dir("office-1", dataset)
     digest = generate_image(str(directory / "s1.img"), size, seed=seed, zero_fraction=0.1, text_fraction=0.3)
     cfg = cluster.agent_config("office-1", [{"name": dataset, "path": directory}], config_name=f"office-1-{label}")
+    return {"label": label, "cfg": cfg, "dataset": dataset, "digest": digest}
+
+
+def honest_round(cluster: Cluster, prepared: dict, attack=None) -> dict:
+    """Commit a prepared snapshot with the real agent; `attack()` is called until the agent exits."""
+    label = prepared["label"]
     started = time.monotonic()
-    proc = cluster.start_agent_once(cfg)
+    proc = cluster.start_agent_once(prepared["cfg"])
     while proc.poll() is None:
         if attack is None:
             time.sleep(0.02)  # only the agent's exit is awaited: a bench, not a test
@@ -71,16 +80,24 @@ def honest_round(cluster: Cluster, size: int, label: str, seed: int, attack=None
     committed = rc == 0 and [t["state"] for t in transfers] == ["committed"]
     if not committed:
         print(f"{label}: the honest agent did not commit (rc {rc}): {transfers}\n{log[-3000:]}", file=sys.stderr)
-    return {"label": label, "committed": committed, "seconds": transfers[0]["seconds"] if transfers else None,
-            "wall_s": round(wall_s, 3), "cfg": cfg, "dataset": dataset, "digest": digest}
+    return {**prepared, "committed": committed, "seconds": transfers[0]["seconds"] if transfers else None,
+            "wall_s": round(wall_s, 3)}
 
 
 class Siege:
-    """mallory's attacks, set up once and kept going (tests/attacker.py does each one)."""
+    """mallory's attacks, set up once and kept going (tests/attacker.py does each one).
 
-    def __init__(self, ctx, cluster: Cluster):
+    Once mallory is welcomed, nothing here waits on anything but mallory's own sockets (no status
+    command): mallory beats only while it pumps, and a silence past the broker's liveness would
+    unregister it and end the attack.
+    """
+
+    def __init__(self, ctx, cluster: Cluster, amplify_bytes: int, restore_idle_timeout_s: float):
         self.cluster = cluster
         self.mallory = Attacker(ctx, cluster)
+        self.amplify_bytes = amplify_bytes
+        self.restore_every_s = 2 * restore_idle_timeout_s  # by then the broker has timed the last one out
+        self.restore_at = 0.0
         self.amplifier: str | None = None
         self.amplified_bytes = 0
         self.amplifiers = 0
@@ -96,16 +113,15 @@ class Siege:
         self.restore()
 
     def amplify(self) -> None:
-        free = next(n["free_bytes"] for n in self.cluster.status()["storage"] if n["node_id"] == "node-a")
-        size = min(MAX_HASHES_PER_QUERY * MAX_CHUNK_SIZE, free // 2)
         self.amplifiers += 1
-        self.amplifier, _ = self.mallory.amplify(size, snapshot=f"huge{self.amplifiers}")
-        self.amplified_bytes += size
+        self.amplifier, _ = self.mallory.amplify(self.amplify_bytes, snapshot=f"huge{self.amplifiers}")
+        self.amplified_bytes += self.amplify_bytes
 
     def restore(self) -> None:
         if self.mallory.idle is not None:
             self.mallory.idle.close()
         self.restores += 1
+        self.restore_at = time.monotonic()
         self.mallory.restore_unread("own", "m1")
 
     def step(self) -> None:
@@ -120,8 +136,7 @@ class Siege:
         if self.mallory.commit_answered(self.amplifier):
             self.mallory.abort(self.amplifier)  # frees its upload slot for the next
             self.amplify()
-        if not [t for t in self.cluster.transfers("mallory") if t.get("kind") == "restore"
-                and t["state"] in LIVE_STATES]:
+        if time.monotonic() - self.restore_at >= self.restore_every_s:
             self.restore()
 
     def stop(self) -> None:
@@ -130,6 +145,13 @@ class Siege:
                 self.mallory.abort(msg["transfer_id"])
         self.mallory.pump(0.5)
         self.mallory.close()
+
+
+def cpu_s(cluster: Cluster, role: str) -> float:
+    """User plus system CPU seconds a role has used so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{cluster.procs[role].pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_figures(before: dict, during: dict, after: dict) -> dict:
@@ -161,7 +183,7 @@ def run(args, work: Path, ctx) -> dict:
         for device in ("office-1", "mallory"):
             cluster.enroll(device, "device")
         cluster.enroll("node-a", "node")
-        cluster.start_broker(restore_window="1MiB", restore_idle_timeout_ms=1500)
+        cluster.start_broker(restore_window="1MiB", restore_idle_timeout_ms=RESTORE_IDLE_TIMEOUT_MS)
         cluster.start_storage("node-a")
         own = cluster.dataset_dir("mallory", "own")
         generate_image(str(own / "m1.img"), 4 * MiB, seed=111, zero_fraction=0.0, text_fraction=0.0)
@@ -169,21 +191,29 @@ def run(args, work: Path, ctx) -> dict:
         if rc != 0:
             raise RuntimeError(f"mallory's own snapshot did not commit: {stderr[-2000:]}")
 
-        baseline = [honest_round(cluster, args.size, f"base{i}", 200 + i) for i in range(args.rounds)]
+        cpu_at = {role: cpu_s(cluster, role) for role in ROLES}
+        baseline = [honest_round(cluster, prepare_round(cluster, args.size, f"base{i}", 200 + i))
+                    for i in range(args.rounds)]
+        cpu_base = {role: cpu_s(cluster, role) - cpu_at[role] for role in ROLES}
         rss_before = settle_rss(cluster)
-        siege = Siege(ctx, cluster)
+        prepared = [prepare_round(cluster, args.size, f"attack{i}", 300 + i) for i in range(args.rounds)]
+        free = next(n["free_bytes"] for n in cluster.status()["storage"] if n["node_id"] == "node-a")
+        siege = Siege(ctx, cluster, min(MAX_HASHES_PER_QUERY * MAX_CHUNK_SIZE, free // 2),
+                      RESTORE_IDLE_TIMEOUT_MS / 1000)
         samplers = {role: cluster.rss_sampler(role) for role in ROLES}
         for s in samplers.values():
             s.__enter__()
         try:
+            cpu_at = {role: cpu_s(cluster, role) for role in ROLES}
             siege.start()
             attacked = []
-            for i in range(args.rounds):
+            for i, round_ in enumerate(prepared):
                 if i:
                     siege.renew()
-                attacked.append(honest_round(cluster, args.size, f"attack{i}", 300 + i, siege.step))
+                attacked.append(honest_round(cluster, round_, siege.step))
             amplifier_pending = not siege.mallory.commit_answered(siege.amplifier)
             codes = dict(siege.mallory.codes)
+            cpu_attack = {role: cpu_s(cluster, role) - cpu_at[role] for role in ROLES}
             siege.stop()
         finally:
             for s in samplers.values():
@@ -208,8 +238,11 @@ def run(args, work: Path, ctx) -> dict:
             "wall_ratio": round(median(r["wall_s"] for r in attacked) / median(r["wall_s"] for r in baseline), 2),
             "target_ratio": TARGET_RATIO, "within_target": ratio is not None and ratio <= TARGET_RATIO,
             "rss": rss_figures(rss_before, samplers, rss_after),
+            "cpu_s": {role: {"baseline": round(cpu_base[role], 2), "attack": round(cpu_attack[role], 2)}
+                      for role in ROLES},
             "attack": {"amplifiers": siege.amplifiers, "amplified_bytes": siege.amplified_bytes,
-                       "amplifier_unanswered_at_end": amplifier_pending, "unread_restores": siege.restores,
+                       "amplifier_unanswered_at_end": amplifier_pending,
+                       "unregistered": codes.get("not_registered", 0) > 0, "unread_restores": siege.restores,
                        "offers": dict(siege.offers), "codes": codes},
             "committed": all(r["committed"] for r in baseline + attacked), "restored_identical": restored,
             "dead_roles": dead,
@@ -231,10 +264,16 @@ def print_table(doc: dict) -> None:
     print(f"{'RSS MiB':24}{'before':>12}{'peak':>12}{'after':>8}")
     for role, figures in doc["rss"].items():
         print(f"{role:24}{figures['before_mib']:>12.1f}{figures['peak_mib']:>12.1f}{figures['after_mib']:>8.1f}")
+    print(f"{'CPU s':24}{'baseline':>12}{'attack':>12}")
+    for role, figures in doc["cpu_s"].items():
+        print(f"{role:24}{figures['baseline']:>12.2f}{figures['attack']:>12.2f}")
     attack = doc["attack"]
     print(f"attacker: {attack['amplifiers']} amplifier(s), {attack['amplified_bytes'] / 2**30:.1f} GiB of nil "
           f"names (last one still unanswered at the end: {attack['amplifier_unanswered_at_end']}), "
           f"{attack['unread_restores']} unread restore(s), offers {attack['offers']}, codes {attack['codes']}")
+    if attack["unregistered"]:
+        print("WARNING: the broker unregistered mallory during the run (not_registered): the attack did not "
+              "last all the while")
     print(f"honest snapshots committed: {doc['committed']}, last restored identical: {doc['restored_identical']}, "
           f"roles dead: {doc['dead_roles'] or 'none'}")
 
