@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,6 @@ class Siege:
     """
 
     def __init__(self, ctx, cluster: Cluster, amplify_bytes: int, restore_idle_timeout_s: float):
-        self.cluster = cluster
         self.mallory = Attacker(ctx, cluster)
         self.amplify_bytes = amplify_bytes
         self.restore_every_s = 2 * restore_idle_timeout_s  # by then the broker has timed the last one out
@@ -162,14 +162,9 @@ def rss_figures(before: dict, during: dict, after: dict) -> dict:
 
 def settle_rss(cluster: Cluster, samples: int = 10) -> dict:
     """Each role's median VmRSS over `samples` readings 50 ms apart."""
-    samplers = {role: cluster.rss_sampler(role) for role in ROLES}
-    for s in samplers.values():
-        s.__enter__()
-    try:
+    with ExitStack() as stack:
+        samplers = {role: stack.enter_context(cluster.rss_sampler(role)) for role in ROLES}
         cluster.wait_for(lambda: all(len(s.samples) >= samples for s in samplers.values()), 10, "memory samples")
-    finally:
-        for s in samplers.values():
-            s.__exit__(None, None, None)
     return {role: statistics.median(s.samples) for role, s in samplers.items()}
 
 
@@ -203,10 +198,8 @@ def run(args, work: Path, ctx) -> dict:
         free = next(n["free_bytes"] for n in cluster.status()["storage"] if n["node_id"] == "node-a")
         siege = Siege(ctx, cluster, min(MAX_HASHES_PER_QUERY * MAX_CHUNK_SIZE, free // 2),
                       RESTORE_IDLE_TIMEOUT_MS / 1000)
-        samplers = {role: cluster.rss_sampler(role) for role in ROLES}
-        for s in samplers.values():
-            s.__enter__()
-        try:
+        with ExitStack() as stack:
+            samplers = {role: stack.enter_context(cluster.rss_sampler(role)) for role in ROLES}
             cpu_at = {role: cpu_s(cluster, role) for role in ROLES}
             ours_at = time.process_time()
             siege.start()
@@ -220,9 +213,6 @@ def run(args, work: Path, ctx) -> dict:
             cpu_attack = {role: cpu_s(cluster, role) - cpu_at[role] for role in ROLES}
             cpu_attack["attacker"] = time.process_time() - ours_at  # this process: mallory, and the samplers
             siege.stop()
-        finally:
-            for s in samplers.values():
-                s.__exit__(None, None, None)
         cluster.wait_for(lambda: not [t for t in cluster.transfers("mallory") if t["state"] in LIVE_STATES],
                          60, "mallory's transfers ended")
         rss_after = settle_rss(cluster)
