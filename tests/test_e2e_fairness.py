@@ -11,8 +11,12 @@ to 1.5. tests/test_unit_credit.py shows the rule on a fake clock.
 
 from __future__ import annotations
 
+import pytest
+
 from roles.sampleimages import generate_image
 from tests.harness import MiB
+
+pytestmark = pytest.mark.serial  # shares of a throttled node's time: alone, after the rest (Makefile)
 
 MANY, ONE = "office-many", "office-one"
 DATASETS = 8

@@ -30,6 +30,8 @@ from bench.link import (DEVICE, measure_goodput, measure_limit, measure_preempti
 from tests.netns import (NETNS_DIR, PREFIX, LinkCluster, LinkMeter, LinkUnavailable, ShapedLink, remove_stale,
                          why_unavailable)
 
+pytestmark = pytest.mark.serial  # rates on the link: alone, after the rest (Makefile)
+
 MBIT = 1_000_000 / 8
 
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
+import pytest
 
 from bench.timing import Uploader, compare, measure
 from roles.sampleimages import generate_image
@@ -39,6 +40,7 @@ def parked_with(cluster, device_id: str, dataset: str, snapshot: str, text: str)
 # --- no dedup timing signal ---------------------------------------------------------------------
 
 
+@pytest.mark.serial  # latency distributions: measured alone, after the rest (Makefile)
 def test_stored_latency_does_not_tell_whether_another_device_holds_the_chunk(cluster, zctx):
     """80 chunks a `holder` device stored and 80 new to all, interleaved at random, sent by a `prober`
     one at a time: the medians differ by less than the groups' pooled interquartile range, and a
