@@ -46,6 +46,38 @@ def test_sending_beyond_credit_is_refused_and_changes_nothing():
     assert (ledger.holding, ledger.in_flight_bytes, ledger.demand) == (1000, 0, MiB)
 
 
+def test_a_chunk_begun_with_too_little_credit_still_gets_credit_for_its_other_pieces():
+    # A paced agent sends a chunk in pieces; the chunk leaves `demand` at its first piece. When that piece
+    # used the last of the upload's credit, the rest of the chunk must still be wanted, or nothing more is
+    # granted and the upload waits for the stall watchdog (seen after a failover: 60 s for the last chunk).
+    credit = CreditScheduler()
+    credit.add_node("n", 32 * MiB)
+    ledger = UploadLedger(window=8 * MiB, demand=MiB, device="d")
+    ledger.holding = 40_000
+    ledger.spend(b"c" * 32, 40_000, MiB, 0, MiB)
+    assert ledger.demand == 0 and ledger.wanted() == MiB - 40_000
+    granted = credit.grant("n", "t", ledger, MiB)
+    assert granted == MiB - 40_000
+    ledger.spend(b"c" * 32, granted, MiB, 40_000, MiB)
+    assert ledger.wanted() == 0 and ledger.owed == 0
+
+
+def test_a_piece_past_its_chunks_total_is_refused_and_changes_nothing():
+    ledger = UploadLedger(window=8 * MiB, demand=MiB, holding=2 * MiB)
+    ledger.spend(b"c" * 32, 1000, MiB, 0, 5000)
+    with pytest.raises(RequestError) as info:
+        ledger.spend(b"c" * 32, 4001, MiB, 1000, 5000)
+    assert info.value.code == "bad_field"
+    assert (ledger.holding, ledger.in_flight_bytes, ledger.owed) == (2 * MiB - 1000, 1000, 4000)
+
+
+def test_a_chunk_refused_part_way_is_owed_no_more():
+    ledger = UploadLedger(window=8 * MiB, demand=MiB, holding=MiB)
+    ledger.spend(b"c" * 32, 1000, MiB, 0, 5000)
+    assert ledger.done(b"c" * 32) == (1000, MiB)
+    assert (ledger.owed, ledger.in_flight_bytes, ledger.wanted()) == (0, 0, 0)
+
+
 def test_a_short_pool_queues_the_upload_and_serves_it_first_when_credit_returns():
     credit = CreditScheduler()
     credit.add_node("n", 2 * MiB)

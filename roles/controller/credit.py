@@ -5,7 +5,7 @@ Theory of operation: a storage node announces a credit window W, the bytes
 it accepts in flight. The `CreditScheduler` shares it among the uploads
 placed on that node: an upload is granted credit only for bytes it has to
 send (`demand`: raw bytes of chunks the node said are missing and not yet
-received), up to its own window, and only from the node's free credit. An
+received, and `owed`: the pieces still to come of chunks begun), up to its own window, and only from the node's free credit. An
 agent sends within the credit it holds; the broker counts each chunk in
 flight until the node's STORED (or refusal) returns it. So for every node
 
@@ -37,44 +37,56 @@ PIECE_SLACK = 1024  # a compressed payload may exceed its raw length by a frame 
 
 @dataclass
 class UploadLedger:
-    """One upload's credit: what it may still send, holds, and has in flight."""
+    """One upload's credit: what it may still send, holds, and has in flight.
+
+    A chunk leaves `demand` (raw bytes) at its first piece; the wire bytes of
+    its pieces still to come are `owed` until they arrive, so a chunk begun
+    with too little credit still gets the rest of it."""
 
     window: int = 0
     demand: int = 0
+    owed: int = 0
     holding: int = 0
-    in_flight: dict = field(default_factory=dict)  # chunk name -> [wire_len, raw_len]
+    in_flight: dict = field(default_factory=dict)  # chunk name -> [wire bytes received, raw_len, wire total]
     in_flight_bytes: int = 0
     chunks_received: int = 0
     device: str = ""  # whose share this upload's credit counts against
 
     def wanted(self) -> int:
         room = self.window - self.in_flight_bytes - self.holding
-        return max(0, min(room, self.demand - self.holding))
+        return max(0, min(room, self.demand + self.owed - self.holding))
 
     def spend(self, name: bytes, wire_len: int, raw_len: int, offset: int | None, total: int | None) -> None:
         """The agent spent credit on a chunk or a piece of one; raises before changing anything."""
         if wire_len > self.holding:
             raise RequestError(f"{wire_len} payload bytes with {self.holding} bytes of credit", "credit_exceeded")
         first = not offset
-        if (total if total is not None else wire_len) > raw_len + PIECE_SLACK:
+        total = total if total is not None else wire_len
+        if total > raw_len + PIECE_SLACK:
             raise RequestError("payload larger than its raw length", "bad_field")
-        if first and name in self.in_flight:
+        entry = self.in_flight.get(name)
+        if first and entry is not None:
             raise RequestError("chunk already in flight", "bad_state")
-        if not first and name not in self.in_flight:
+        if not first and entry is None:
             raise RequestError("a piece of a chunk that was not started", "bad_state")
+        if (wire_len if first else entry[0] + wire_len) > (total if first else entry[2]):
+            raise RequestError("piece runs past the chunk's total", "bad_field")
         self.holding -= wire_len
         if first:
             self.demand = max(0, self.demand - raw_len)
-            self.in_flight[name] = [wire_len, raw_len]
+            self.in_flight[name] = [wire_len, raw_len, total]
+            self.owed += total - wire_len
             self.chunks_received += 1
         else:
-            self.in_flight[name][0] += wire_len
+            entry[0] += wire_len
+            self.owed -= wire_len
         self.in_flight_bytes += wire_len
 
     def done(self, name: bytes) -> tuple[int, int]:
         """The node stored or refused a chunk: (wire bytes to release, raw length)."""
-        wire_len, raw_len = self.in_flight.pop(name, (0, 0))
+        wire_len, raw_len, total = self.in_flight.pop(name, (0, 0, 0))
         self.in_flight_bytes -= wire_len
+        self.owed -= total - wire_len  # a chunk refused part-way is owed no more
         return wire_len, raw_len
 
     def release_holding(self) -> int:
@@ -86,7 +98,7 @@ class UploadLedger:
         self.holding = 0
         self.in_flight.clear()
         self.in_flight_bytes = 0
-        self.demand = 0
+        self.demand = self.owed = 0
         return total
 
 
