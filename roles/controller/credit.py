@@ -7,7 +7,8 @@ placed on that node: an upload is granted credit only for bytes it has to
 send (`demand`: raw bytes of chunks the node said are missing and not yet
 received, and `owed`: the pieces still to come of chunks begun), up to its
 own window, and only from the node's free credit. An agent sends within
-the credit it holds; the broker counts each chunk in flight until the node's STORED (or refusal) returns it. So for every node
+the credit it holds; the broker counts each chunk in flight until the
+node's STORED (or refusal) returns it. So for every node
 
     sum(holding + in_flight_bytes of its uploads) == pool.outstanding <= W
 
