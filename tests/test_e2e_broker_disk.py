@@ -23,16 +23,14 @@ import pytest
 
 from roles.localprocs import free_ports
 from roles.sampleimages import generate_image
+from tests.needs import unavailable
 from tests.harness import MiB, RawClient, assert_restores, uploads_of
 
 TMPFS_SIZE = 4 * MiB
 
 
 def _unavailable(reason: str):
-    for required_by in ("SPEEDSYNC_REQUIRE_ROOT", "CI"):
-        if os.environ.get(required_by, "").lower() not in ("", "0", "false"):
-            pytest.fail(f"{required_by} is set but a tmpfs cannot be mounted: {reason}")
-    pytest.skip(f"small filesystem unavailable: {reason}")
+    unavailable("a small filesystem (tmpfs)", reason, "SPEEDSYNC_REQUIRE_ROOT")
 
 
 @pytest.fixture

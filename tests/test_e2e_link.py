@@ -27,6 +27,7 @@ import pytest
 from roles.sampleimages import MiB, file_blake3
 from bench.link import (DEVICE, measure_goodput, measure_limit, measure_preemption, measure_weights, measure_yield,
                         random_image)
+from tests.needs import unavailable
 from tests.netns import (NETNS_DIR, PREFIX, LinkCluster, LinkMeter, LinkUnavailable, ShapedLink, remove_stale,
                          why_unavailable)
 
@@ -36,10 +37,7 @@ MBIT = 1_000_000 / 8
 
 
 def _unavailable(reason: str):
-    for required_by in ("SPEEDSYNC_REQUIRE_NETNS", "CI"):
-        if os.environ.get(required_by, "").lower() not in ("", "0", "false"):
-            pytest.fail(f"{required_by} is set but the shaped link cannot be built: {reason}")
-    pytest.skip(f"shaped link unavailable: {reason}")
+    unavailable("the shaped link", reason, "SPEEDSYNC_REQUIRE_NETNS")
 
 
 @pytest.fixture
