@@ -144,15 +144,15 @@ def _wall_clock(seconds_from_now: float) -> tuple[str, float]:
 
 
 def _switch(meter: LinkMeter, event: float, rate: float, settle_s: float = 2.0, hold_s: float = 3.0) -> dict:
-    """How a limit change at monotonic `event` showed on the link: when the rate over 0.5 s first came
-    within 15% of the new `rate`, and the rate and worst 100 ms interval from event+settle_s for hold_s."""
+    """How a limit change at monotonic `event` showed on the link's frames: when the rate over 0.5 s first
+    came within 15% of the new `rate`, and the rate and worst 100 ms interval from event+settle_s for hold_s."""
     meter.wait_until(event + settle_s + hold_s + 0.1)
     reached = meter.first_time(event, event + settle_s + hold_s,
-                               lambda r: abs(r - rate) <= 0.15 * rate, window_s=0.5)
+                               lambda r: abs(r - rate) <= 0.15 * rate, window_s=0.5, payload=False)
     later = (event + settle_s, event + settle_s + hold_s)
     return {"switch_s": None if reached is None else reached - event,
-            "rate_after": meter.payload_rate(*later),
-            "worst_100ms_after": max(r for _, r in meter.intervals(*later))}
+            "rate_after": meter.frame_rate(*later),
+            "worst_100ms_after": max(r for _, r in meter.intervals(*later, payload=False))}
 
 
 def measure_limit(cluster: LinkCluster, meter: LinkMeter, window_s: float = 20.0, limit_mbit: int = 40,
@@ -179,7 +179,7 @@ def measure_limit(cluster: LinkCluster, meter: LinkMeter, window_s: float = 20.0
     figures = {
         "limit": limit, "window_s": window_s, "start_s": t0 - 0.5 - started,
         "rate": meter.payload_rate(t0, t0 + window_s), "frames": meter.frame_rate(t0, t0 + window_s),
-        "worst_100ms": max(r for _, r in meter.intervals(t0, t0 + window_s)),
+        "worst_100ms": max(r for _, r in meter.intervals(t0, t0 + window_s, payload=False)),
         "window_limit": window_mbit * MBIT, "hup_limit": hup_mbit * MBIT, "set_by": set_by(),
     }
     cluster.agent_config(DEVICE, datasets, limit=f"{hup_mbit}Mbit", schedule=schedule)  # rewrites the file
@@ -326,9 +326,9 @@ def report(name: str, f: dict, link: ShapedLink) -> list[str]:
     if name == "limit":
         w, h = f["window"], f["hup"]
         return [
-            _row(name, f"limit 40Mbit: rate on the link / limit ({f['window_s']:.0f} s)",
-                 f"{f['rate'] / f['limit']:.3f}  ({mbit(f['rate'])} payload; frames {mbit(f['frames'])})"),
-            _row(name, "limit 40Mbit: worst 100 ms interval / limit", f"{f['worst_100ms'] / f['limit']:.3f}"),
+            _row(name, f"limit 40Mbit: frames on the link / limit ({f['window_s']:.0f} s)",
+                 f"{f['frames'] / f['limit']:.3f}  ({mbit(f['frames'])} frames; TCP payload {mbit(f['rate'])})"),
+            _row(name, "limit 40Mbit: worst 100 ms interval of frames / limit", f"{f['worst_100ms'] / f['limit']:.3f}"),
             _row(name, "SIGHUP with limit 20Mbit: seconds to apply",
                  f"{h['switch_s']}" if h["switch_s"] is None else f"{h['switch_s']:.2f}"),
             _row(name, "  then rate / 20Mbit, worst 100 ms / 20Mbit",

@@ -7,7 +7,7 @@ import pytest
 
 from roles.appliance.ratelimit import TokenBucket
 from roles.appliance.schedule import YIELD, limit_at, parse_limit, parse_window
-from roles.appliance.wire import WireScheduler
+from roles.appliance.wire import WireScheduler, wire_cost
 from roles.appliance.yielding import MIN_RATE, YieldController
 
 MONDAY = dt.datetime(2026, 11, 23)
@@ -76,6 +76,7 @@ class Flow:
     def __init__(self, chunks):
         self.left = chunks
         self.sent = 0
+        self.pieces = []
 
     def next_piece(self, limit):
         return min(limit, self.left) if self.left else None
@@ -84,6 +85,7 @@ class Flow:
         n = min(limit, self.left)
         self.left -= n
         self.sent += n
+        self.pieces.append(n)
         return n
 
 
@@ -99,7 +101,17 @@ def test_weights_share_the_wire_and_the_window_bounds_in_flight():
         now += wait if wait else 0.01
         wire.acknowledged(wire.in_flight)  # a fast cloud acknowledges everything
     assert heavy.sent / light.sent == pytest.approx(3.0, rel=0.1)
-    assert (heavy.sent + light.sent) / now == pytest.approx(10_000_000, rel=0.05)
+    # the limit holds on the link's frames; the payload is what is left of them
+    on_link = sum(wire_cost(n) for flow in (heavy, light) for n in flow.pieces)
+    assert on_link / now == pytest.approx(10_000_000, rel=0.02)
+    assert (heavy.sent + light.sent) / now < 0.96 * 10_000_000
+
+
+def test_a_pieces_cost_on_the_link_counts_its_message_and_its_segments_headers():
+    # a 50,000-byte piece (5 ms at 80 Mbit/s) and its 208 bytes of message: 35 segments of 1448 bytes
+    assert wire_cost(50_000) == 50_208 + 35 * 66
+    assert 1.04 < wire_cost(50_000) / 50_000 < 1.055  # about the 5% that crossed the link unaccounted
+    assert wire_cost(1) == 1 + 208 + 66
 
 
 def test_yield_backs_off_on_queueing_delay_and_recovers():

@@ -7,6 +7,10 @@ the link in proportion to their weights. Two limits hold for all flows
 together: the token bucket (the bandwidth limit in force, pacing each piece)
 and `window`, the payload bytes sent but not yet acknowledged, which keeps
 our own queue short so that order, not buffering, decides the shares.
+
+The bandwidth limit is met on what the office's router sees: the bucket is
+charged `wire_cost(piece)`, the piece with its message's headers and the
+Ethernet/IP/TCP headers of the segments that carry it, not the payload alone.
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ MIN_WINDOW = 2 * 1024 * 1024
 # of pieces (the weights), not buffering, decides the shares.
 WINDOW_S = 0.25
 IDLE_S = 0.5  # nothing in flight and no acknowledgement for this long: a pause in sending
+
+# What a CHUNK piece costs on the link beyond its payload. The message: its header frame (about 130
+# bytes of msgpack), two ZMTP frame headers (11) and, under CURVE, a box per frame (33 each), rounded
+# up. Each TCP segment of at most SEGMENT_PAYLOAD bytes (MTU 1500 less IPv4, TCP and its timestamps)
+# then carries Ethernet (14), IPv4 (20) and TCP with timestamps (32) headers. A shorter MTU (PPPoE,
+# VPN) costs a little more than this estimate; the limit is then met within about 1% more.
+MESSAGE_OVERHEAD = 208
+SEGMENT_PAYLOAD = 1448
+SEGMENT_OVERHEAD = 66
+
+
+def wire_cost(payload: int) -> int:
+    """Bytes on the link (Ethernet frames) for a CHUNK message of `payload` bytes."""
+    message = payload + MESSAGE_OVERHEAD
+    return message + -(-message // SEGMENT_PAYLOAD) * SEGMENT_OVERHEAD
 
 
 class WireScheduler:
@@ -92,7 +111,7 @@ class WireScheduler:
             while size is not None and entry[2] >= size:
                 if self.in_flight + size > self.window and self.in_flight > 0:
                     return None  # resumes this flow's turn when acknowledgements free the window
-                wait = self.bucket.wait_s(size, now)
+                wait = self.bucket.wait_s(wire_cost(size), now)
                 if wait > 0:
                     self.link_bound += 1
                     return wait
@@ -100,7 +119,7 @@ class WireScheduler:
                     # sending again after a pause: a rate measured over the pause would be the pause's
                     self._acked, self._acked_since = 0, now
                 sent = flow.send_piece(piece_limit, now)
-                self.bucket.spend(sent, now)
+                self.bucket.spend(wire_cost(sent), now)
                 self.in_flight += sent
                 self.sent_total += sent
                 entry[2] -= sent
