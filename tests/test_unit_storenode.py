@@ -39,6 +39,24 @@ def test_undecodable_or_wrong_length_payload_is_bad_chunk(tmp_path, payload, raw
     assert info.value.code == "bad_chunk"
 
 
+@pytest.mark.parametrize("content_size", [True, False])
+def test_a_decompression_bomb_is_refused_before_its_output_is_allocated(tmp_path, content_size):
+    # 7 KiB of zstd that inflate to 256 MiB, announced as a 1 MiB chunk: refused, and never more than the
+    # announced length held (python-zstandard sizes its output by the frame's own content size, if any)
+    import tracemalloc
+    bomb = zstandard.ZstdCompressor(level=19, write_content_size=content_size).compress(bytes(256 << 20))
+    store = ChunkStore(tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RequestError) as info:
+            store.put(name_of(bytes(1 << 20)), 1 << 20, "zstd", bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == "bad_chunk"
+    assert peak < 4 << 20, f"{peak} bytes held decoding a bomb"
+
+
 def test_stored_chunk_reads_back_verified(tmp_path):
     store = ChunkStore(tmp_path)
     raw = b"hello " * 1000
