@@ -27,6 +27,7 @@ CODES = {
     "bad_state": "the message is not allowed in the transfer's state",
     "credit_exceeded": "data was sent beyond the granted credit",
     "bad_chunk": "chunk bytes do not match their name",
+    "bad_delta": "a delta does not rebuild its chunk from its base (corrupt, larger than announced, or another blake3)",
     "not_found": "the snapshot or chunk does not exist",
     "no_storage": "no storage node is available",
     "node_unavailable": "the node holding this dataset is not available",

@@ -46,7 +46,7 @@ def decode_payload(codec: str, data, raw_len: int) -> bytes:
     if codec == "raw":
         raw = bytes(data)
     elif codec == "zstd":
-        raw = _zstd_decompress(data, raw_len)
+        raw = zstd_decompress(data, raw_len)
     else:
         raise RequestError(f"unknown codec {codec!r}", "bad_chunk")
     if len(raw) != raw_len:
@@ -54,17 +54,18 @@ def decode_payload(codec: str, data, raw_len: int) -> bytes:
     return raw
 
 
-def _zstd_decompress(data, raw_len: int) -> bytes:
+def zstd_decompress(data, raw_len: int, decompressor: zstandard.ZstdDecompressor | None = None,
+                    code: str = "bad_chunk") -> bytes:
     """At most raw_len bytes out. python-zstandard sizes its output by the frame's own content size
     when the frame has one, whatever max_output_size says: a frame claiming more than the chunk's
     announced length (a decompression bomb) is refused before anything is allocated."""
     try:
         claimed = zstandard.get_frame_parameters(data).content_size
         if claimed not in (raw_len, zstandard.CONTENTSIZE_UNKNOWN):
-            raise RequestError(f"chunk's frame holds {claimed} bytes, announced {raw_len}", "bad_chunk")
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
+            raise RequestError(f"chunk's frame holds {claimed} bytes, announced {raw_len}", code)
+        return (decompressor or zstandard.ZstdDecompressor()).decompress(data, max_output_size=raw_len)
     except zstandard.ZstdError as exc:
-        raise RequestError(f"chunk does not decompress: {exc}", "bad_chunk") from None
+        raise RequestError(f"chunk does not decompress: {exc}", code) from None
 
 
 def decode_and_verify(codec: str, payload, raw_len: int, name: bytes) -> bytes:
