@@ -107,6 +107,7 @@ class StorageConfig:
     fault_manifest_errors: int = _kind("int", 0, min=0)  # the first N manifest writes fail with EIO
     fault_sync_log: str = _kind("path", "")  # a line per fsync, rename, link and mkdir made durable
     owner_log_handles: int = _kind("int", 256, min=1, max=65536)  # ownership logs open at once (LRU)
+    gc_interval_ms: int = _kind("int", 3_600_000, min=10)  # garbage collection of unreferenced chunks
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)

@@ -57,7 +57,8 @@ class StorageProcess:
         self.core = StorageCore(config.node_id, config.window, chunks, manifests, owners,
                                 heartbeat_interval_s=interval_s, space=chunks.space(), now=self.clock.now(),
                                 chunks_on_disk=chunks.count(),
-                                read_hook=faults.before_read if config.fault_fail_at_read else None)
+                                read_hook=faults.before_read if config.fault_fail_at_read else None,
+                                gc_interval_s=config.gc_interval_ms / 1000)
         self.pools = {"store": TaskPool(config.store_threads, name="store"),
                       "image": TaskPool(1, name="image")}  # whole-image hashes, strictly in order
         self.ctx = zmq.Context()

@@ -147,6 +147,7 @@ class CommitPath:
         if session is None:
             return None
         decrement(self.sessions_per_device, session.device_id)
+        self.pins.release(tid)  # held to the end of a GC run in progress (gcpins.py)
         hashed = session.state == "committed"  # the image thread forgot it at finish
         advance(session, UPLOAD, "ABORT")
         self.deadlines.cancel(("idle", tid))
