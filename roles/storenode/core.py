@@ -85,7 +85,7 @@ def absent_chunks(chunks, names: tuple) -> frozenset:
 class StorageCore(CommitPath):
     def __init__(self, node_id: str, window: int, chunks, manifests, owners, *, heartbeat_interval_s: float,
                  space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S, chunks_on_disk: int = 0,
-                 read_hook=None, gc_interval_s: float | None = None):
+                 read_hook=None, gc_interval_s: float | None = None, gc_slice_hook=None):
         self.node_id = node_id
         self.window = window
         self.chunks = chunks
@@ -104,7 +104,7 @@ class StorageCore(CommitPath):
         self.deadlines = Deadlines()
         self.deadlines.schedule("space", now + heartbeat_interval_s)
         self.pins = Pins()
-        self.gc = GarbageCollector(chunks, manifests, owners, self.pins)
+        self.gc = GarbageCollector(chunks, manifests, owners, self.pins, gc_slice_hook)
         self._gc_interval_s = gc_interval_s
         if gc_interval_s:
             self.deadlines.schedule("gc", now + gc_interval_s)

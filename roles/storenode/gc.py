@@ -54,8 +54,9 @@ class GcStatistics:
 
 
 class GarbageCollector:
-    def __init__(self, chunks, manifests, owners, pins):
+    def __init__(self, chunks, manifests, owners, pins, slice_hook=None):
         self.chunks, self.manifests, self.owners, self.pins = chunks, manifests, owners, pins
+        self._slice_hook = slice_hook  # run on the store thread before each slice (faults.py: a slow GC)
         self.running = False
         self.runs = self.freed_bytes = self.deleted_chunks = self.failed_runs = 0
         self._run_freed = self._run_deleted = 0
@@ -110,6 +111,8 @@ class GarbageCollector:
     # --- the phases ----------------------------------------------------------------
 
     def _submit(self, key: tuple, fn, *args) -> Submit:
+        if self._slice_hook is not None:
+            return Submit("store", key, gcwork.after_hook, (self._slice_hook, fn, *args))
         return Submit("store", key, fn, args)
 
     def _next_device(self) -> list:

@@ -23,6 +23,11 @@ class ManifestUnreadable(Exception):
     """A manifest that exists but cannot be read: what it references is unknown, so nothing is swept."""
 
 
+def after_hook(hook, fn, *args):
+    hook()
+    return fn(*args)
+
+
 def list_devices(manifests_root: Path, owners_root: Path) -> list[str]:
     """Every device with a manifest directory or an ownership log, sorted."""
     devices = {entry.name for entry in os.scandir(manifests_root) if entry.is_dir()}
