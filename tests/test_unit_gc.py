@@ -280,10 +280,10 @@ def test_a_name_released_during_a_run_is_held_until_the_run_ends(tmp_path):
     pins.begin_run()
     pins.pin("t", "dev", [name_of(raw), None])
     pins.release("t")  # committed after the mark read its device: its manifest is not in `referenced`
-    assert sweep(directory, set(), pins) == (0, 0, 1)
+    assert sweep(directory, set(), pins) == (0, 0, True)
     assert set(pins.held_by("dev")) == {name_of(raw)}
     pins.end_run()
-    assert sweep(directory, set(), pins)[:2] == (1, CHUNK + 8)
+    assert sweep(directory, set(), pins) == (1, CHUNK + 8, True)
 
 
 def test_appends_while_a_log_is_replaced_follow_the_new_log(tmp_path):
@@ -314,3 +314,17 @@ def test_a_run_is_not_started_twice_and_a_failed_slice_sweeps_nothing(tmp_path):
     os.unlink(node.manifests.root / "dev" / "ds" / "bad.manifest")
     gc_once(node)
     assert chunk_files(node) == set()
+
+
+def test_a_sweep_slice_deletes_at_most_its_limit_and_the_directory_is_taken_again(tmp_path):
+    node = CoreNode(tmp_path)
+    directory = node.chunks.root / "ab"
+    names = [bytes([0xab, i]) + bytes(30) for i in range(5)]
+    for name in names:
+        node.chunks.path_for(name).write_bytes(b"x")
+    keep = {names[0]}
+    pins = Pins()
+    assert sweep(directory, keep, pins, limit=3) == (3, 3, False)
+    assert sweep(directory, keep, pins, limit=3) == (1, 1, True)
+    assert sweep(directory, keep, pins, limit=3) == (0, 0, True)
+    assert {p.name for p in directory.iterdir()} == {names[0].hex()}

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import msgpack
 
-from roles.durable import fsync_dir
 from roles.storenode.manifests import Manifest
 
 MARK_SLICE = 64  # manifest files read per slice
+SWEEP_SLICE = 64  # chunk files deleted per slice
 NAME_HEX = 64
 
 
@@ -63,11 +63,15 @@ def mark(paths: list[Path], referenced: set, device_names: set) -> None:
                 referenced.add(name)
 
 
-def sweep(directory: Path, referenced: set, pins) -> tuple[int, int, int]:
-    """Delete the chunk files of one `chunks/<hh>/` directory that no manifest references and no
-    open upload holds; returns (deleted, bytes freed, kept). Copies and temporaries are not chunks."""
-    deleted = freed = kept = 0
+def sweep(directory: Path, referenced: set, pins, limit: int = SWEEP_SLICE) -> tuple[int, int, bool]:
+    """Delete up to `limit` chunk files of one `chunks/<hh>/` directory that no manifest references
+    and no open upload holds; returns (deleted, bytes freed, whether the directory is done).
+    Copies and temporaries are not chunks. The directory is not fsync'd: an unlink a power cut
+    undoes leaves a file nothing references, which the next run deletes again."""
+    deleted = freed = 0
     for entry in os.scandir(directory):
+        if deleted >= limit:
+            return deleted, freed, False
         if len(entry.name) != NAME_HEX or entry.name.startswith("."):
             continue
         try:
@@ -75,11 +79,9 @@ def sweep(directory: Path, referenced: set, pins) -> tuple[int, int, int]:
         except ValueError:
             continue
         if name in referenced:
-            kept += 1
             continue
         with pins.lock:  # the check and the unlink as one step against a pin (gcpins.py)
             if pins.protected(name):
-                kept += 1
                 continue
             try:
                 size = entry.stat().st_size
@@ -88,6 +90,4 @@ def sweep(directory: Path, referenced: set, pins) -> tuple[int, int, int]:
                 continue
         deleted += 1
         freed += size
-    if deleted:
-        fsync_dir(directory)
-    return deleted, freed, kept
+    return deleted, freed, True
