@@ -328,3 +328,19 @@ def test_a_sweep_slice_deletes_at_most_its_limit_and_the_directory_is_taken_agai
     assert sweep(directory, keep, pins, limit=3) == (1, 1, True)
     assert sweep(directory, keep, pins, limit=3) == (0, 0, True)
     assert {p.name for p in directory.iterdir()} == {names[0].hex()}
+
+
+def test_a_device_whose_manifest_directory_and_log_are_gone_stops_owning_what_they_named(tmp_path):
+    node = CoreNode(tmp_path, gc_interval_s=GC_S)
+    raws = chunks("a", 2)
+    run_all(node, [Upload(node, "dev", "s0", raws)])
+    run_all(node, [Upload(node, "other", "s0", raws)])  # keeps the files
+    drop_manifest(node, "dev", "s0")
+    (node.manifests.root / "dev" / "ds").rmdir()
+    (node.manifests.root / "dev").rmdir()
+    node.owners.begin_rewrite("dev")  # close its handle, as a compaction would, and remove the log
+    (node.owners.root / "dev.log").unlink()
+    node.owners.end_rewrite("dev")
+    gc_once(node)
+    assert node.owners.loaded("dev") == set()
+    assert chunk_files(node) == {name_of(r) for r in raws}

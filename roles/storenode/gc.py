@@ -86,8 +86,8 @@ class GarbageCollector:
             self._fail(key, error)
             return []
         step = key[1]
-        if step == "devices":
-            self._devices = list(reversed(result))
+        if step == "devices":  # with those in memory: a device whose every manifest and log went
+            self._devices = sorted(set(result) | set(self.owners.devices_loaded()), reverse=True)
             return self._next_device()
         if step == "paths":
             self._paths = result

@@ -181,6 +181,9 @@ class DeviceChunks:
 
     # --- compaction (gc.py): the loop calls begin/end, a store thread write_log ------
 
+    def devices_loaded(self):
+        return self._sets.keys()
+
     def loaded(self, device_id: str) -> set | None:
         """The device's set if it is in memory (no disk read)."""
         return self._sets.get(device_id)
