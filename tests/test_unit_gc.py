@@ -344,3 +344,22 @@ def test_a_device_whose_manifest_directory_and_log_are_gone_stops_owning_what_th
     gc_once(node)
     assert node.owners.loaded("dev") == set()
     assert chunk_files(node) == {name_of(r) for r in raws}
+
+
+def test_a_device_that_comes_in_while_its_log_is_replaced_is_narrowed_too(tmp_path):
+    first = CoreNode(tmp_path, gc_interval_s=GC_S)
+    dropped, kept = chunks("dropped", 2), chunks("kept", 1)
+    run_all(first, [Upload(first, "dev", "s0", dropped)])
+    run_all(first, [Upload(first, "dev", "s1", kept)])
+    run_all(first, [Upload(first, "other", "s0", dropped)])  # keeps the files
+    drop_manifest(first, "dev", "s0")
+    first.core.close()
+    node = CoreNode(tmp_path, gc_interval_s=GC_S)  # restarted: no device in memory
+    node.advance(GC_S)
+    while not any(e.key[:3] == ("gc", "log", "dev") for e in node.store):
+        assert node.run_store()
+    node.send("OPEN", transfer_id="t", device_id="dev", dataset="ds", snapshot="s2", image_size=CHUNK,
+              chunk_size=CHUNK, chunk_count=1)  # reads the log still in place
+    assert {name_of(r) for r in dropped} <= node.owners.loaded("dev")
+    node.settle()
+    assert node.owners.loaded("dev") == {name_of(r) for r in kept}

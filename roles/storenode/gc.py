@@ -66,6 +66,7 @@ class GarbageCollector:
         self._paths: list = []
         self._device_names: set = set()
         self._referenced: set = set()
+        self._unloaded = None  # the references of a device compacted while not in memory, until its log is written
 
     # --- what the core calls -------------------------------------------------------
 
@@ -96,6 +97,9 @@ class GarbageCollector:
             return self._mark_next()
         if step == "log":
             self.owners.end_rewrite(key[2])
+            if self._unloaded is not None and self.owners.loaded(key[2]) is not None:
+                self._narrow(key[2], self._unloaded)  # it came in meanwhile, from the log being replaced
+            self._unloaded = None
             return self._next_device()
         if step == "sweep":
             deleted, freed, done = result
@@ -136,14 +140,22 @@ class GarbageCollector:
         """The device's mark is done: it owns what its manifests reference, plus what its open
         uploads hold (or released this run) that it owned already."""
         references, self._device_names = self._device_names, set()
-        owned = self.owners.loaded(device)
         kept = set()
-        if owned is not None:
-            kept = {name for name in self.pins.held_by(device) if name in owned and name not in references}
-            references |= kept
-            self.owners.replace(device, references)
+        if self.owners.loaded(device) is not None:
+            kept = self._narrow(device, references)
+        else:
+            self._unloaded = references
         self.owners.begin_rewrite(device)
         return [self._submit(("gc", "log", device), self.owners.write_log, device, sorted(kept))]
+
+    def _narrow(self, device: str, references: set) -> set:
+        """The device's set becomes `references` plus what its uploads hold that it owned; returns
+        that addition (what its log must keep)."""
+        owned = self.owners.loaded(device)
+        kept = {name for name in self.pins.held_by(device) if name in owned and name not in references}
+        references |= kept
+        self.owners.replace(device, references)
+        return kept
 
     def _sweep(self, index: int) -> list:
         if index < len(SUBDIRS):
@@ -166,4 +178,5 @@ class GarbageCollector:
         self.running = False
         self.failed_runs += 1
         self._referenced, self._device_names, self._devices, self._paths = set(), set(), [], []
+        self._unloaded = None
         self.pins.end_run()
