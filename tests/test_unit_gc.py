@@ -280,6 +280,8 @@ def test_a_name_released_during_a_run_is_held_until_the_run_ends(tmp_path):
     pins.begin_run()
     pins.pin("t", "dev", [name_of(raw), None])
     pins.release("t")  # committed after the mark read its device: its manifest is not in `referenced`
+    assert sweep(directory, set(), pins) == (0, 0, True)  # still pinned until drained
+    assert not pins.drain()
     assert sweep(directory, set(), pins) == (0, 0, True)
     assert set(pins.held_by("dev")) == {name_of(raw)}
     pins.end_run()
@@ -363,3 +365,25 @@ def test_a_device_that_comes_in_while_its_log_is_replaced_is_narrowed_too(tmp_pa
     assert {name_of(r) for r in dropped} <= node.owners.loaded("dev")
     node.settle()
     assert node.owners.loaded("dev") == {name_of(r) for r in kept}
+
+
+def test_a_large_upload_is_unpinned_in_batches_and_stays_protected_until_drained(tmp_path):
+    pins = Pins()
+    names = [i.to_bytes(32, "big") for i in range(10_000)]
+    pins.pin("big", "dev", names[:6000])
+    pins.pin("big", "dev", names[4000:] + [None])
+    pins.pin("other", "dev2", names[:10])
+    assert len(pins) == 10_000
+    pins.begin_run()
+    pins.release("big")
+    assert set(pins.held_by("dev")) == set(names)  # still being un-pinned: kept by the compaction too
+    assert pins.drain(4096)
+    assert 10_000 - 4096 <= len(pins) < 10_000
+    while pins.drain(4096):
+        pass
+    assert len(pins) == 10  # what the other upload holds
+    with pins.lock:
+        assert all(pins.protected(n) for n in names)  # held to the end of the run
+    pins.end_run()
+    with pins.lock:
+        assert [n for n in names if pins.protected(n)] == names[:10]

@@ -196,6 +196,9 @@ class StorageCore(CommitPath):
                     self._store(out, ("space",), self.chunks.space)
                     # the write-shaped copies of chunks already stored, in a batch on no STORED's path
                     self._store(out, ("reap",), self.chunks.reap)
+            elif key == "unpin":
+                if self.pins.drain():
+                    self.deadlines.schedule("unpin", now)  # the next batch after what else is due
             elif key == "gc":
                 self.deadlines.schedule("gc", now + self._gc_interval_s)
                 out.extend(self.gc.start())

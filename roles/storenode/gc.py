@@ -32,6 +32,7 @@ bytes object and a set slot), plus the one device's set being marked (which
 becomes that device's ownership set, as it is in memory anyway): bench/gc.py
 measures 155 bytes per live chunk at the peak, 7.8 MB per 100,000. Loop work
 per run: O(devices), plus, per device with open uploads, O(names they hold).
+Pinning costs O(slice) per QUERY; an upload's end un-pins in batches (gcpins.py).
 """
 
 from __future__ import annotations

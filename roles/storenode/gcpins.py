@@ -16,23 +16,32 @@ began survives the sweep even when its upload committed in between (its
 manifest may have landed after the mark read that device). The same held
 names, by device, are what the ownership compaction keeps (gc.py).
 
-The loop pins and releases; a store thread asks `protected` under `lock`.
+Releasing a million-name upload is a million decrements: `release` only
+queues them, and the core drains `RELEASE_BATCH` names per loop wake-up
+(`drain`), so no commit stalls the loop. Until drained a name stays pinned,
+which only keeps it longer.
+
+The loop pins, releases and drains; a store thread asks `protected` under `lock`.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter, deque
+
+RELEASE_BATCH = 4096  # names un-pinned per loop wake-up
 
 
 class Pins:
     def __init__(self):
         self.lock = threading.Lock()
-        self._count: dict[bytes, int] = {}  # name -> open uploads holding it
+        self._count: Counter = Counter()  # name -> open uploads holding it
         self._sessions: dict[str, tuple[str, set]] = {}  # transfer id -> (device, its distinct names)
         self._by_device: dict[str, dict] = {}  # device -> {transfer id: None}
+        self._releasing: deque = deque()  # (device, names, iterator over them) of ended uploads
         self._running = False
-        self._released: set = set()  # released during the current run (all devices)
-        self._released_by_device: dict[str, set] = {}
+        self._released: set = set()  # un-pinned during the current run (all devices)
+        self._released_by_device: dict[str, list] = {}  # device -> name sets of its uploads ended this run
 
     def pin(self, transfer_id: str, device: str, names) -> None:
         """Loop thread: hold a QUERY slice's names (nil names are zero chunks: nothing to hold)."""
@@ -41,14 +50,16 @@ class Pins:
             entry = self._sessions[transfer_id] = (device, set())
             self._by_device.setdefault(device, {})[transfer_id] = None
         held = entry[1]
+        new = set(names)
+        new.discard(None)
+        new -= held
+        held |= new
         with self.lock:
-            for name in names:
-                if name is not None and name not in held:
-                    held.add(name)
-                    self._count[name] = self._count.get(name, 0) + 1
+            self._count.update(new)
 
     def release(self, transfer_id: str) -> None:
-        """Loop thread: the upload ended; what it held is held to the end of a run in progress."""
+        """Loop thread: the upload ended; its names are un-pinned by `drain`, and held to the end of a
+        run in progress."""
         entry = self._sessions.pop(transfer_id, None)
         if entry is None:
             return
@@ -57,26 +68,45 @@ class Pins:
         del sessions[transfer_id]
         if not sessions:
             del self._by_device[device]
-        with self.lock:
-            for name in held:
-                count = self._count[name] - 1
-                if count:
-                    self._count[name] = count
-                else:
-                    del self._count[name]
+        if held:
+            self._releasing.append((device, held, iter(held)))
             if self._running:
-                self._released |= held
-                self._released_by_device.setdefault(device, set()).update(held)
+                self._released_by_device.setdefault(device, []).append(held)
+
+    def drain(self, limit: int = RELEASE_BATCH) -> bool:
+        """Loop thread: un-pin up to `limit` names of ended uploads; True while more are queued."""
+        with self.lock:
+            while limit > 0 and self._releasing:
+                names = self._releasing[0][2]
+                for name in names:
+                    count = self._count[name] - 1
+                    if count:
+                        self._count[name] = count
+                    else:
+                        del self._count[name]
+                        if self._running:
+                            self._released.add(name)
+                    limit -= 1
+                    if not limit:
+                        break
+                else:
+                    self._releasing.popleft()
+            return bool(self._releasing)
 
     def protected(self, name: bytes) -> bool:
         """A store thread, holding `lock`: may the sweep not delete this name?"""
         return name in self._count or name in self._released
 
     def held_by(self, device: str):
-        """Loop thread: the names the device's open uploads hold, and those it released this run."""
+        """Loop thread: the names the device's open uploads hold, and those of its uploads that ended
+        this run or are still being un-pinned."""
         for transfer_id in self._by_device.get(device, ()):
             yield from self._sessions[transfer_id][1]
-        yield from self._released_by_device.get(device, ())
+        for names in self._released_by_device.get(device, ()):
+            yield from names
+        for owner, names, _ in self._releasing:
+            if owner == device:
+                yield from names
 
     def begin_run(self) -> None:
         with self.lock:
