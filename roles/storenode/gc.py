@@ -152,8 +152,9 @@ class GarbageCollector:
     def _narrow(self, device: str, references: set) -> set:
         """The device's set becomes `references` plus what its uploads hold that it owned; returns
         that addition (what its log must keep)."""
-        owned = self.owners.loaded(device)
-        kept = {name for name in self.pins.held_by(device) if name in owned and name not in references}
+        kept = set().union(*self.pins.held_by(device))
+        kept &= self.owners.loaded(device)
+        kept -= references
         references |= kept
         self.owners.replace(device, references)
         return kept

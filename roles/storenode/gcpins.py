@@ -97,16 +97,13 @@ class Pins:
         """A store thread, holding `lock`: may the sweep not delete this name?"""
         return name in self._count or name in self._released
 
-    def held_by(self, device: str):
-        """Loop thread: the names the device's open uploads hold, and those of its uploads that ended
-        this run or are still being un-pinned."""
-        for transfer_id in self._by_device.get(device, ()):
-            yield from self._sessions[transfer_id][1]
-        for names in self._released_by_device.get(device, ()):
-            yield from names
-        for owner, names, _ in self._releasing:
-            if owner == device:
-                yield from names
+    def held_by(self, device: str) -> list:
+        """Loop thread: the name sets of the device's open uploads, and of its uploads that ended
+        this run or are still being un-pinned (for set operations: no walk in Python)."""
+        sets = [self._sessions[transfer_id][1] for transfer_id in self._by_device.get(device, ())]
+        sets += self._released_by_device.get(device, ())
+        sets += [names for owner, names, _ in self._releasing if owner == device]
+        return sets
 
     def begin_run(self) -> None:
         with self.lock:
