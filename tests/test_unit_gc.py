@@ -387,3 +387,23 @@ def test_a_large_upload_is_unpinned_in_batches_and_stays_protected_until_drained
     pins.end_run()
     with pins.lock:
         assert [n for n in names if pins.protected(n)] == names[:10]
+
+
+def test_a_scrape_of_the_node_counts_gc_runs_and_what_they_freed(tmp_path):
+    from roles import metrics
+    from tests.test_unit_metrics import scrape, served
+
+    node = CoreNode(tmp_path, gc_interval_s=GC_S)
+    run_all(node, [Upload(node, "dev", "s0", chunks("a", 3))])
+    drop_manifest(node, "dev", "s0")
+    gc_once(node)
+    publisher = served(metrics.StorageMetrics, node.core)
+    try:
+        publisher.tick(node.now)
+        n = scrape(publisher)
+    finally:
+        publisher.close()
+    assert n[("speedsync_storage_gc_runs_total", ())] == 1
+    assert n[("speedsync_storage_gc_deleted_chunks_total", ())] == 3
+    assert n[("speedsync_storage_gc_freed_bytes_total", ())] == 3 * (CHUNK + 8)
+    assert n[("speedsync_storage_chunks", ())] == 0
