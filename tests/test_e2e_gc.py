@@ -93,7 +93,7 @@ def test_seeded_rounds_of_uploads_sharing_chunks_with_snapshots_just_dropped(clu
 def test_a_kill_9_of_the_node_in_the_middle_of_a_gc_run_loses_nothing(cluster, tmp_path):
     """The node is killed half-way through the sweep of a dropped snapshot's chunks while an upload
     that shares some of them runs; after the restart the upload commits and the next runs converge."""
-    cluster.start(gc_interval_ms=100, fault_gc_slice_ms=10)
+    cluster.start(gc_interval_ms=100, fault_gc_slice_ms=30)  # a sweep of 256 slices: 8 s to kill it in
     directory = cluster.dataset_dir("office-1", "ds")
     cfg = cluster.agent_config("office-1", [{"name": "ds", "path": directory, "chunk_size": CHUNK}])
     s0 = directory / "s0.img"
@@ -115,6 +115,7 @@ def test_a_kill_9_of_the_node_in_the_middle_of_a_gc_run_loses_nothing(cluster, t
                      interval_s=0.005)
     cluster.kill9("node-a")
     assert last.exists()
+    cluster.storage_config("node-a", gc_interval_ms=100, fault_gc_slice_ms=3)  # the runs after: quicker
     cluster.restart("node-a")
     rc, doc, log = cluster.finish_agent("agent-office-1")
     assert rc == 0, log
