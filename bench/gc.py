@@ -137,7 +137,8 @@ def main() -> int:
         print(f"store: {args.chunks} chunks, {live} referenced by {args.manifests} manifests of "
               f"{args.devices} devices; deleted {timed['deleted']}")
         print(f"gc run: {timed['seconds']:.2f} s ({timed['seconds'] * per:.2f} s per 100,000 chunks), "
-              f"longest slice {timed['longest_slice_s'] * 1000:.1f} ms ({timed['longest_step']}), loop side {timed['loop_s'] * 1000:.1f} ms")
+              f"longest slice {timed['longest_slice_s'] * 1000:.1f} ms ({timed['longest_step']}), "
+              f"loop side {timed['loop_s'] * 1000:.1f} ms")
         print(f"peak heap: {peak / 1e6:.1f} MB ({peak * per / 1e6:.1f} MB per 100,000 chunks, "
               f"{peak / max(1, live):.0f} bytes per live chunk)")
         print(f"baselines: walk of the store {base_walk:.2f} s, reading every manifest {base_read:.2f} s; "
