@@ -105,8 +105,10 @@ class StorageConfig:
     fault_fail_at_read: int = _kind("int", 0, min=0)  # the Nth restore chunk read fails with EIO, once
     fault_log_capacity: int | None = _kind("optional_size", None)  # ownership-log bytes before ENOSPC
     fault_manifest_errors: int = _kind("int", 0, min=0)  # the first N manifest writes fail with EIO
+    fault_gc_slice_ms: int = _kind("int", 0, min=0)  # each GC slice waits this long first (a slow GC, for tests)
     fault_sync_log: str = _kind("path", "")  # a line per fsync, rename, link and mkdir made durable
     owner_log_handles: int = _kind("int", 256, min=1, max=65536)  # ownership logs open at once (LRU)
+    gc_interval_ms: int = _kind("int", 3_600_000, min=10)  # garbage collection of unreferenced chunks
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)

@@ -213,6 +213,11 @@ class StorageMetrics(Publisher):
         self.uploads = self.gauge("speedsync_storage_uploads", "Uploads open on this node")
         self.reads = self.gauge("speedsync_storage_restores", "Restores streaming from this node")
         self.pending = self.gauge("speedsync_storage_store_pending", "Store-pool tasks queued or running")
+        self.gc_runs = self.counter("speedsync_storage_gc_runs", "Garbage collection runs completed")
+        self.gc_freed = self.counter("speedsync_storage_gc_freed_bytes", "Chunk file bytes garbage collection "
+                                     "deleted")
+        self.gc_deleted = self.counter("speedsync_storage_gc_deleted_chunks", "Unreferenced chunk files "
+                                       "garbage collection deleted")
 
     def publish(self) -> None:
         stats = self.core.statistics()
@@ -227,6 +232,9 @@ class StorageMetrics(Publisher):
         self.uploads.set(stats.uploads)
         self.reads.set(stats.reads)
         self.pending.set(stats.store_pending)
+        self.copy(self.gc_runs, stats.gc_runs)
+        self.copy(self.gc_freed, stats.gc_freed_bytes)
+        self.copy(self.gc_deleted, stats.gc_deleted_chunks)
 
 
 class AgentMetrics(Publisher):

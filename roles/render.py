@@ -97,10 +97,12 @@ def status_view(status: dict) -> View:
     if "summary" in status:
         lines.append(summary_line(status["summary"]))
     return View(lines, [
-        Section("storage nodes", ["node", "alive", "free", "used", "load", "credit out/window"],
+        Section("storage nodes", ["node", "alive", "free", "used", "load", "credit out/window", "chunks",
+                                  "gc runs/freed"],
                 [[n["node_id"], "yes" if n["alive"] else "NO", format_bytes(n["free_bytes"]),
                   format_bytes(n["used_bytes"]), str(n.get("load", 0)),
-                  f"{format_bytes(n['credit']['outstanding'])}/{format_bytes(n['credit']['window'])}"]
+                  f"{format_bytes(n['credit']['outstanding'])}/{format_bytes(n['credit']['window'])}",
+                  str(n.get("chunks", 0)), f"{n.get('gc_runs', 0)}/{format_bytes(n.get('gc_freed_bytes', 0))}"]
                  for n in status["storage"]]),
         Section("agents", ["device", "connected", "stored", "quota"],
                 [[a["device_id"], "yes" if a["connected"] else "no", format_bytes(a.get("stored_bytes", 0)),

@@ -41,7 +41,8 @@ class StorageProcess:
             write_rate=config.fault_write_rate, fail_at_write=config.fault_fail_at_write,
             capacity=config.fault_disk_capacity, log_capacity=config.fault_log_capacity,
             manifest_errors=config.fault_manifest_errors,
-            fail_at_read=config.fault_fail_at_read, sync_log=config.fault_sync_log)
+            fail_at_read=config.fault_fail_at_read, sync_log=config.fault_sync_log,
+            gc_slice_ms=config.fault_gc_slice_ms)
         io = faults if faults.active else PLAIN
         chunks = ChunkStore(config.data_dir, io=io)
         chunks.reap(everything=True)
@@ -57,7 +58,9 @@ class StorageProcess:
         self.core = StorageCore(config.node_id, config.window, chunks, manifests, owners,
                                 heartbeat_interval_s=interval_s, space=chunks.space(), now=self.clock.now(),
                                 chunks_on_disk=chunks.count(),
-                                read_hook=faults.before_read if config.fault_fail_at_read else None)
+                                read_hook=faults.before_read if config.fault_fail_at_read else None,
+                                gc_interval_s=config.gc_interval_ms / 1000,
+                                gc_slice_hook=faults.before_gc_slice if config.fault_gc_slice_ms else None)
         self.pools = {"store": TaskPool(config.store_threads, name="store"),
                       "image": TaskPool(1, name="image")}  # whole-image hashes, strictly in order
         self.ctx = zmq.Context()

@@ -60,6 +60,9 @@ def _t(name, senders, receivers, purpose, fields=None, payload=(0, 0), max_heade
 
 
 TRANSFER = {"transfer_id": Id()}
+# a node's store figures for status (READY, HEARTBEAT): chunk files, GC runs, bytes GC freed
+NODE_FIGURES = {"chunks": Int(required=False), "gc_runs": Int(required=False),
+                "gc_freed_bytes": Int(required=False)}
 CATALOG_KEY = ListOf(item=Id(), max_items=3, required=False)  # (device_id, dataset, snapshot): a LIST page's key
 
 _DECLARED = [
@@ -71,10 +74,11 @@ _DECLARED = [
                                                                                              required=False)}),
     _t("READY", "node", "broker", "register a storage worker with its credit window and space",
        {"node_id": Id(), "window": Int(min=1, max=2**40), "free_bytes": Int(), "used_bytes": Int(),
-        "software": Str(max_len=64, required=False)}),
-    _t("HEARTBEAT", "agent broker node", "agent broker node", "liveness; nodes also report space and load",
+        "software": Str(max_len=64, required=False), **NODE_FIGURES}),
+    _t("HEARTBEAT", "agent broker node", "agent broker node", "liveness; nodes also report space, load, "
+       "chunk count and garbage collection",
        {"free_bytes": Int(required=False), "used_bytes": Int(required=False),
-        "load": Int(required=False)}),
+        "load": Int(required=False), **NODE_FIGURES}),
     _t("BYE", "agent node", "broker", "orderly disconnect"),
     _t("PING", "agent", "broker", "round-trip probe (endpoint choice, yield mode's queueing delay)",
        {"seq": Int(), "sent_us": Int()}),

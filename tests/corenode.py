@@ -25,14 +25,16 @@ BROKER = ("broker", None)
 
 
 class CoreNode:
-    def __init__(self, root, *, window: int = 1 << 30, seed: int | None = None, idle_s: float = 600.0):
+    def __init__(self, root, *, window: int = 1 << 30, seed: int | None = None, idle_s: float = 600.0,
+                 gc_interval_s: float | None = None):
         self.clock = FakeClock()
         self.chunks = ChunkStore(root)
         self.manifests = ManifestStore(root)
         self.owners = DeviceChunks(root, committed_chunks=lambda d: (
             n for m in self.manifests.all_for_device(d) for n in m.chunks))
         self.core = StorageCore("node-a", window, self.chunks, self.manifests, self.owners,
-                                heartbeat_interval_s=1.0, space=(1 << 40, 0), now=self.clock.now(), idle_s=idle_s)
+                                heartbeat_interval_s=1.0, space=(1 << 40, 0), now=self.clock.now(), idle_s=idle_s,
+                                gc_interval_s=gc_interval_s)
         self.rng = random.Random(seed) if seed is not None else None
         self.store: list = []
         self.image: deque = deque()

@@ -60,6 +60,25 @@ def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
     assert key in str(info.value) and str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("text,key", [
+    ("gc_interval_ms: 5\n", "gc_interval_ms"),
+    ("gc_interval_ms: hourly\n", "gc_interval_ms"),
+    ("fault_gc_slice_ms: -1\n", "fault_gc_slice_ms"),
+])
+def test_bad_storage_gc_keys_are_refused_naming_key_and_file(tmp_path, text, key):
+    path = tmp_path / "storage.yaml"
+    path.write_text("insecure: true\n" + text)
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(cfg.StorageConfig, path)
+    assert key in str(info.value) and str(path) in str(info.value)
+
+
+def test_gc_runs_hourly_by_default(tmp_path):
+    path = tmp_path / "storage.yaml"
+    path.write_text("insecure: true\n")
+    assert cfg.load(cfg.StorageConfig, path).gc_interval_ms == 3_600_000
+
+
 def test_bad_dataset_entry_names_its_position(tmp_path):
     path = tmp_path / "agent.yaml"
     path.write_text("insecure: true\ndatasets:\n  - {name: a, path: x}\n  - {name: b, path: y, chunk_size: 1KiB}\n")

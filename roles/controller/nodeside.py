@@ -30,6 +30,7 @@ class NodeSide:
         pool = self.credit.add_node(msg["node_id"], msg["window"])
         node = self.registry.register_node(routing, msg["node_id"], pool, msg["free_bytes"], msg["used_bytes"],
                                            self.now)
+        node.take_figures(msg)
         logger.info("storage node {} ready (window {} bytes, {} free)", node.node_id, msg["window"],
                     msg["free_bytes"])
 
@@ -37,6 +38,7 @@ class NodeSide:
         node.free_bytes = msg.get("free_bytes", node.free_bytes)
         node.used_bytes = msg.get("used_bytes", node.used_bytes)
         node.load = msg.get("load", node.load)
+        node.take_figures(msg)
 
     def node_BYE(self, node, msg, frames) -> None:
         self.registry.drop_node(node.routing)

@@ -49,11 +49,21 @@ class NodeSession(PeerSession):
     reserved_bytes: int = 0  # image bytes of uploads placed here, not yet committed
     transfers: set = field(default_factory=set)
     alive: bool = True
+    chunks: int = 0  # chunk files on the node, as it last reported
+    gc_runs: int = 0
+    gc_freed_bytes: int = 0
+
+    def take_figures(self, msg) -> None:
+        """The store figures of a READY or HEARTBEAT (absent from an older node: kept as they were)."""
+        self.chunks = msg.get("chunks", self.chunks)
+        self.gc_runs = msg.get("gc_runs", self.gc_runs)
+        self.gc_freed_bytes = msg.get("gc_freed_bytes", self.gc_freed_bytes)
 
     def status(self) -> dict:
         return {"node_id": self.node_id, "alive": self.alive, "free_bytes": self.free_bytes,
                 "used_bytes": self.used_bytes, "load": self.load, "credit": self.credit.statistics(),
-                "transfers": len(self.transfers)}
+                "transfers": len(self.transfers), "chunks": self.chunks, "gc_runs": self.gc_runs,
+                "gc_freed_bytes": self.gc_freed_bytes}
 
 
 class Registry:

@@ -147,6 +147,8 @@ class CommitPath:
         if session is None:
             return None
         decrement(self.sessions_per_device, session.device_id)
+        self.pins.release(tid)  # un-pinned in batches, and held to the end of a GC run in progress (gcpins.py)
+        self.deadlines.schedule("unpin", 0.0)  # due at once
         hashed = session.state == "committed"  # the image thread forgot it at finish
         advance(session, UPLOAD, "ABORT")
         self.deadlines.cancel(("idle", tid))

@@ -18,7 +18,8 @@ it are applied (UploadSession.record_slice requires the manifest in order).
 A COMMIT that comes while slices are pending waits behind them.
 
 Timers are Deadlines: each session's idle check (lazy: a message only moves
-`last_activity`) and the space refresh.
+`last_activity`), the space refresh and garbage collection (gc.py; a QUERY
+slice's names are pinned for it before any of them is stat'ed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from bus.errors import RequestError
 from bus.effects import LOST
 from roles.storenode.assembly import PieceAssembler
 from roles.storenode.commits import CommitPath, describe
+from roles.storenode.gc import GarbageCollector
+from roles.storenode.gcpins import Pins
 from roles.storenode.imagehash import ImageHashes
 from roles.storenode.imageturns import ImageTurns
 from roles.storenode.restores import BROKER, RestorePump
@@ -50,7 +53,7 @@ DEVICE_SESSIONS_MAX = 64
 # what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
                                              "READ", "CREDIT")}}
-STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap"})
+STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap", "gc"})
 IMAGE_KINDS = frozenset({"hash", "commit", "drop"})
 
 
@@ -69,6 +72,9 @@ class StorageStatistics:
     used_bytes: int
     chunks_on_disk: int = 0  # chunk files: those at start plus those written since
     stored_bytes: int = 0  # payload bytes written to new chunk files (as they travelled)
+    gc_runs: int = 0
+    gc_freed_bytes: int = 0  # chunk file bytes garbage collection deleted
+    gc_deleted_chunks: int = 0
 
 
 def absent_chunks(chunks, names: tuple) -> frozenset:
@@ -79,7 +85,7 @@ def absent_chunks(chunks, names: tuple) -> frozenset:
 class StorageCore(CommitPath):
     def __init__(self, node_id: str, window: int, chunks, manifests, owners, *, heartbeat_interval_s: float,
                  space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S, chunks_on_disk: int = 0,
-                 read_hook=None):
+                 read_hook=None, gc_interval_s: float | None = None, gc_slice_hook=None):
         self.node_id = node_id
         self.window = window
         self.chunks = chunks
@@ -97,6 +103,11 @@ class StorageCore(CommitPath):
         self.pump = RestorePump(chunks, read_hook)
         self.deadlines = Deadlines()
         self.deadlines.schedule("space", now + heartbeat_interval_s)
+        self.pins = Pins()
+        self.gc = GarbageCollector(chunks, manifests, owners, self.pins, gc_slice_hook)
+        self._gc_interval_s = gc_interval_s
+        if gc_interval_s:
+            self.deadlines.schedule("gc", now + gc_interval_s)
         self.store_pending = 0
         self._space_pending = False
         self._query_seq = 0
@@ -108,7 +119,7 @@ class StorageCore(CommitPath):
         self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
                              "commit": self._committed, "hash": self._ignore, "drop": self._ignore,
-                             "reap": self._ignore}
+                             "reap": self._ignore, "gc": self._gc_done}
 
     # --- the link ------------------------------------------------------------------
 
@@ -116,11 +127,16 @@ class StorageCore(CommitPath):
         free, used = self.space
         logger.info("node {} registering", self.node_id)
         return make("READY", node_id=self.node_id, window=self.window, free_bytes=free, used_bytes=used,
-                    software=SOFTWARE)
+                    software=SOFTWARE, **self._store_figures())
 
     def heartbeat_message(self, now: float):
         free, used = self.space
-        return make("HEARTBEAT", free_bytes=free, used_bytes=used, load=self.load)
+        return make("HEARTBEAT", free_bytes=free, used_bytes=used, load=self.load, **self._store_figures())
+
+    def _store_figures(self) -> dict:
+        gc = self.gc
+        return {"chunks": max(0, self.chunks_on_disk - gc.deleted_chunks), "gc_runs": gc.runs,
+                "gc_freed_bytes": gc.freed_bytes}
 
     def on_link(self, event: str, now: float) -> list:
         if event == LOST:
@@ -180,6 +196,12 @@ class StorageCore(CommitPath):
                     self._store(out, ("space",), self.chunks.space)
                     # the write-shaped copies of chunks already stored, in a batch on no STORED's path
                     self._store(out, ("reap",), self.chunks.reap)
+            elif key == "unpin":
+                if self.pins.drain():
+                    self.deadlines.schedule("unpin", now)  # the next batch after what else is due
+            elif key == "gc":
+                self.deadlines.schedule("gc", now + self._gc_interval_s)
+                out.extend(self.gc.start())
             elif key[0] == "idle":
                 self._expire_upload(key[1], now, out)
             elif key[0] == "read-idle":
@@ -196,9 +218,11 @@ class StorageCore(CommitPath):
 
     def statistics(self) -> StorageStatistics:
         names, waiting = self.in_flight.statistics()
+        figures = self._store_figures()
         return StorageStatistics(len(self.uploads), len(self.pump), self.store_pending, names, waiting,
                                  self.chunks_stored, self.commits, self.pump.blocks_sent, self.errors_sent,
-                                 *self.space, self.chunks_on_disk, self.stored_bytes)
+                                 *self.space, figures["chunks"], self.stored_bytes, self.gc.runs,
+                                 self.gc.freed_bytes, self.gc.deleted_chunks)
 
     def close(self) -> None:
         self.owners.close()
@@ -262,6 +286,7 @@ class StorageCore(CommitPath):
             self._violated(session, out)
             raise
         start, names = msg["start"], msg["hashes"]
+        self.pins.pin(session.transfer_id, session.device_id, names)  # before any stat: gcpins.py
         owns = self._owns(session.device_id)
         # only a name this device owns can be held; whether its file is still there is a stat: the pool's
         to_stat = tuple({name for name in names if name is not None and owns(name)})
@@ -420,6 +445,9 @@ class StorageCore(CommitPath):
             self.space = result
         else:
             logger.warning("statvfs failed: {}", error)
+
+    def _gc_done(self, key, result, error, now: float, out: list) -> None:
+        out.extend(self.gc.completed(key, result, error))
 
     def _ignore(self, key, result, error, now: float, out: list) -> None:
         pass  # image-thread bookkeeping; a hash error is kept by the actor and raised at commit

@@ -17,6 +17,9 @@ hook of the ownership logs. Each fault is off unless configured:
   a test can fill the disk under the logs while chunks still fit;
 - `manifest_errors`: the first N manifest writes fail with EIO (a commit
   whose manifest cannot be saved);
+- `gc_slice_ms`: each garbage collection slice waits this long on its store
+  thread first (`before_gc_slice`), so a test can race a run or kill the
+  node in the middle of one;
 - `sync_log`: a file that gets one line per durable step as it happens:
   `fsync file <path>`, `fsync dir <path>`, `rename <src> <dst>`,
   `link <src> <dst>`, `mkdir <path>`. The fsync lines are written by the
@@ -44,7 +47,9 @@ def _real(path) -> str:
 class DiskFaults(DiskIO):
     def __init__(self, write_rate: int | None = None, fail_at_write: int = 0, capacity: int | None = None,
                  fail_at_read: int = 0, log_capacity: int | None = None, manifest_errors: int = 0,
-                 sync_log: str = "", clock=time.monotonic, sleep=time.sleep):
+                 sync_log: str = "", gc_slice_ms: int = 0, clock=time.monotonic, sleep=time.sleep):
+        self.gc_slice_s = gc_slice_ms / 1000
+        self._sleep = sleep
         self.write_rate = write_rate
         self.fail_at_write = fail_at_write
         self.capacity = capacity
@@ -80,6 +85,9 @@ class DiskFaults(DiskIO):
             self.reads += 1
             if self.reads == self.fail_at_read:
                 raise OSError(errno.EIO, f"injected disk error at read {self.reads}")
+
+    def before_gc_slice(self) -> None:
+        self._sleep(self.gc_slice_s)
 
     def before_log_write(self, nbytes: int) -> None:
         with self._lock:

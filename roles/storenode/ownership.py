@@ -17,7 +17,15 @@ the pool never takes more than a quarter of the process's descriptor limit
 (RLIMIT_NOFILE), leaving the rest to chunk writes and sockets. If the process
 runs out all the same (EMFILE), the pool gives back half its handles and
 tries once more.
+
+Garbage collection (gc.py) compacts a device's log: it is replaced whole,
+durably (write, fsync, rename, fsync the directory), by the names the
+device still needs from it, those its manifests do not already give at
+load (gc.py says which). While the new log is written on a store thread,
+the device's appends wait in memory and follow it once it is in place; a
+crash meanwhile leaves the old log, a superset, and loses only that tail.
 """
+
 
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bus.errors import RequestError
-from roles.durable import PLAIN, DiskIO, make_dirs
+from roles.durable import PLAIN, DiskIO, make_dirs, write_durable
 
 HASH_LEN = 32
 LOG_HANDLES = 256  # the storage config's owner_log_handles default
@@ -101,6 +109,12 @@ class LogHandles:
             pass
         os.close(fd)
 
+    def forget(self, device_id: str) -> None:
+        """Close the device's log if open (it is about to be replaced)."""
+        entry = self._open.pop(device_id, None)
+        if entry is not None:
+            os.close(entry[0])
+
     def _close_oldest(self) -> None:
         _, (fd, _) = self._open.popitem(last=False)
         os.close(fd)
@@ -119,6 +133,8 @@ class DeviceChunks:
         make_dirs(self.root, io)
         self._sets: dict[str, set] = {}
         self.logs = LogHandles(self.root, log_handles, write_hook)
+        self.io = io
+        self._rewriting: dict[str, list] = {}  # device -> names added while its log is replaced
 
     def load(self, device_id: str) -> set:
         """The device's set, read from disk the first time; RequestError(storage_error) if unreadable."""
@@ -152,12 +168,53 @@ class DeviceChunks:
         owned = self.load(device_id)
         if name in owned:
             return
-        self.logs.append(device_id, name)
+        pending = self._rewriting.get(device_id)
+        if pending is not None:
+            pending.append(name)
+        else:
+            self.logs.append(device_id, name)
         owned.add(name)
 
     def add_many(self, device_id: str, names) -> None:
         for name in names:
             self.add(device_id, name)
+
+    # --- compaction (gc.py): the loop calls begin/end, a store thread write_log ------
+
+    def devices_loaded(self):
+        return self._sets.keys()
+
+    def loaded(self, device_id: str) -> set | None:
+        """The device's set if it is in memory (no disk read)."""
+        return self._sets.get(device_id)
+
+    def replace(self, device_id: str, owned: set) -> None:
+        self._sets[device_id] = owned
+
+    def begin_rewrite(self, device_id: str) -> None:
+        self.logs.forget(device_id)
+        self._rewriting[device_id] = []
+
+    def write_log(self, device_id: str, names) -> None:
+        """On a store thread, between begin_rewrite and end_rewrite: the log becomes `names`
+        (no write when it holds exactly that already, or is absent and should be empty)."""
+        path, blob = self.root / f"{device_id}.log", b"".join(names)
+        try:
+            if path.stat().st_size == len(blob) and path.read_bytes() == blob:
+                return
+        except FileNotFoundError:
+            if not blob:
+                return
+        write_durable(path, [blob], io=self.io)
+
+    def end_rewrite(self, device_id: str) -> None:
+        """Append what came meanwhile to whichever log is in place (the new one, or the old one
+        if the write failed). A failed append loses only log tail, as any append's failure would."""
+        for name in self._rewriting.pop(device_id, ()):
+            try:
+                self.logs.append(device_id, name)
+            except OSError:
+                return
 
     def close(self) -> None:
         self.logs.close()
