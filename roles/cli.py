@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--watch", action="store_true", help="redraw the status until Ctrl-C")
             s.add_argument("--interval", type=float, default=2.0, help="with --watch: seconds between redraws")
+    pr = sub.add_parser("prune", help="show what the broker's retention policy would remove now")
+    pr.add_argument("--config", required=True, help="the broker's config (retention, data_dir)")
+    pr.add_argument("--dry-run", action="store_true", help="required: the broker itself prunes, every "
+                    "prune_interval_ms; this only shows what it would remove")
+    pr.add_argument("--json", action="store_true")
     r = sub.add_parser("restore", help="rebuild an image from the cloud, verified")
     r.add_argument("--config", required=True, help="the agent's config (device identity, brokers)")
     r.add_argument("--dataset", required=True)
@@ -103,6 +108,29 @@ def _scrub(conf, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _prune_dry_run(conf, as_json: bool) -> int:
+    from roles.controller.catalog import open_read_only, prune_plan
+    from roles.retention import describe
+    db = open_read_only(conf.data_dir)
+    try:
+        plan = prune_plan(db, conf.retention) if conf.retention else []
+    finally:
+        db.close()
+    rows = [{"device_id": d, "dataset": ds, "snapshot": s, "node_id": n, "taken_at": at} for d, ds, s, n, at in plan]
+    if as_json:
+        print(json.dumps({"retention": bool(conf.retention), "prune": rows}))
+        return EXIT_OK
+    if not conf.retention:
+        print("no retention in the config: every snapshot is kept")
+        return EXIT_OK
+    from roles import render
+    print(f"retention {describe(conf.retention.default)}; {len(conf.retention.overrides)} override(s); "
+          f"{len(rows)} snapshot(s) would be pruned now (those being uploaded or restored excepted)")
+    if rows:
+        render.show(render.prune_view(rows))
+    return EXIT_OK
+
+
 def _print(doc, as_json: bool, view) -> None:
     """JSON, or the document's tables (rich on a terminal, plain text otherwise)."""
     if as_json:
@@ -118,6 +146,12 @@ def _run(args) -> int:
         conf = cfg.load(cfg.BrokerConfig, args.config)
         setup_logging(conf.log_level, conf.log_json, "broker")
         return run_broker(conf)
+    if args.command == "prune":
+        if not args.dry_run:
+            print("speedsync prune: the broker applies retention itself, at start and every prune_interval_ms; "
+                  "--dry-run shows what it would remove now", file=sys.stderr)
+            return EXIT_USAGE
+        return _prune_dry_run(cfg.load(cfg.BrokerConfig, args.config), args.json)
     if args.command == "storage":
         from roles.storage import run_storage
         conf = cfg.load(cfg.StorageConfig, args.config)

@@ -18,6 +18,7 @@ import yaml
 
 from roles.appliance.schedule import parse_limit, parse_window
 from roles.quotarules import QuotaRules, parse_quota
+from roles.retention import RetentionPolicy, parse_retention
 from roles.units import parse_duration, parse_rate, parse_size
 
 ACTIONS = ("resume", "incremental", "full", "verify")
@@ -79,6 +80,10 @@ class BrokerConfig:
     # bytes stored per device (roles/controller/quota.py): {device id or shell pattern: size or none};
     # an exact id wins, then the longest pattern; no match (or no key) = unlimited (quota_exceeded)
     quota: QuotaRules = _kind("quota", QuotaRules())
+    # retention (roles/retention.py, DESIGN.md "Lifecycle"): keep_last/hourly/daily/weekly/monthly/yearly and
+    # overrides by device and dataset pattern; no key = keep everything. Applied at start and this often.
+    retention: RetentionPolicy = _kind("retention", RetentionPolicy())
+    prune_interval_ms: int = _kind("int", 600000, min=100)
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     rpo_target: float = _kind("duration", 900.0, min=1)  # seconds: older newest commit = behind (status summary)
     list_page_size: int = _kind("int", 1000, min=1, max=10000)  # catalog rows per LIST_REPLY
@@ -189,6 +194,8 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             parsed = parse_limit(value)
         elif kind == "quota":
             parsed = parse_quota(value)
+        elif kind == "retention":
+            parsed = parse_retention(value)
         elif kind == "schedule":
             if not isinstance(value, list):
                 raise ValueError("expected a list of windows like {days: mon-fri, from: '08:00', to: '18:00', "

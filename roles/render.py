@@ -121,9 +121,20 @@ def render_status(status: dict) -> str:
 
 
 def list_view(snapshots: list) -> View:
-    return View([], [Section("", ["device", "dataset", "snapshot", "node", "size", "blake3"],
-                             [[s["device_id"], s["dataset"], s["snapshot"], s["node_id"], format_bytes(s["size"]),
-                               s["blake3"][:16]] for s in snapshots])])
+    return View([], [Section("", ["device", "dataset", "snapshot", "taken (UTC)", "node", "size", "blake3"],
+                             [[s["device_id"], s["dataset"], s["snapshot"], _utc(s.get("taken_at")), s["node_id"],
+                               format_bytes(s["size"]), s["blake3"][:16]] for s in snapshots])])
+
+
+def prune_view(rows: list) -> View:
+    """`speedsync prune --dry-run`: the snapshots the policy would remove, oldest first by dataset."""
+    return View([], [Section("would prune", ["device", "dataset", "snapshot", "taken (UTC)", "node"],
+                             [[r["device_id"], r["dataset"], r["snapshot"], _utc(r["taken_at"]), r["node_id"]]
+                              for r in rows])])
+
+
+def _utc(seconds) -> str:
+    return "" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
 def render_list(snapshots: list) -> str:

@@ -29,6 +29,7 @@ MIN_CHUNK_SIZE = 4096
 MAX_IMAGE_SIZE = 2**50
 MAX_HASHES_PER_QUERY = 4096
 MAX_CHUNKS = MAX_IMAGE_SIZE // MIN_CHUNK_SIZE
+TAKEN_AT_MAX = 2**40  # a snapshot's time, seconds since the epoch (the image file's mtime)
 # The largest chunk as it travels: zstd's worst case for MAX_CHUNK_SIZE (ZSTD_compressBound: + size/256)
 MAX_WIRE_CHUNK = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE // 256
 CODECS = ("raw", "zstd")
@@ -85,7 +86,8 @@ _DECLARED = [
     _t("PONG", "broker", "agent", "the PING's fields, echoed at once", {"seq": Int(), "sent_us": Int()}),
     _t("OFFER", "agent", "broker", "ask to replicate one snapshot (device_id, if given, must be the key's)",
        {"req": Int(), "device_id": Id(required=False), "dataset": Id(), "snapshot": Id(), "image_size": Int(max=MAX_IMAGE_SIZE),
-        "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE), "chunk_count": Int(max=MAX_CHUNKS)}),
+        "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE), "chunk_count": Int(max=MAX_CHUNKS),
+        "taken_at": Int(max=TAKEN_AT_MAX, required=False)}),
     _t("OPEN", "broker", "node", "open an upload transfer on the chosen node",
        {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(),
         "image_size": Int(max=MAX_IMAGE_SIZE), "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE),
@@ -122,6 +124,10 @@ _DECLARED = [
        {**TRANSFER, "device_id": Id(), "dataset": Id(), "snapshot": Id(), "image_size": Int(max=MAX_IMAGE_SIZE),
         "chunk_count": Int(max=MAX_CHUNKS), "image_blake3": HASH}, via="broker"),
     _t("ABORT", "agent broker", "broker node", "forget a transfer (chunks already stored stay)", {**TRANSFER}),
+    _t("PRUNE", "broker", "node", "retention: remove a snapshot's manifest (its row has left the catalog); "
+       "an absent manifest is success", {"device_id": Id(), "dataset": Id(), "snapshot": Id()}),
+    _t("PRUNED", "node", "broker", "the PRUNE's manifest is gone, durably", {"device_id": Id(), "dataset": Id(),
+                                                                             "snapshot": Id()}),
     _t("RESTORE", "agent", "broker", "stream a committed snapshot back, under the agent's credit",
        {"req": Int(), "device_id": Id(required=False), "dataset": Id(), "snapshot": Id(), "window": Int(min=1, max=2**34)}),
     _t("READ", "broker", "node", "open a restore stream for a device's snapshot",

@@ -25,6 +25,7 @@ class PendingSnapshot:
     snapshot: str
     path: str
     size: int
+    taken_at: int | None = None  # the image file's mtime, whole seconds: the time retention works on
 
     @property
     def key(self) -> tuple:
@@ -58,7 +59,8 @@ def scan_dataset(dataset: DatasetConfig, committed: set) -> list[PendingSnapshot
             continue
         if snapshot in committed:
             continue
-        found.append(PendingSnapshot(dataset, snapshot, entry.path, entry.stat().st_size))
+        stat = entry.stat()
+        found.append(PendingSnapshot(dataset, snapshot, entry.path, stat.st_size, max(0, int(stat.st_mtime))))
     return sorted(found, key=lambda p: p.snapshot)
 
 

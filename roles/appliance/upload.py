@@ -97,7 +97,8 @@ class Upload:
 
     def offer(self, req: int):
         return make("OFFER", req=req, dataset=self.pending.dataset.name, snapshot=self.pending.snapshot,
-                    image_size=self.image_size, chunk_size=self.chunk_size, chunk_count=self.chunk_count)
+                    image_size=self.image_size, chunk_size=self.chunk_size, chunk_count=self.chunk_count,
+                    **({} if self.pending.taken_at is None else {"taken_at": self.pending.taken_at}))
 
     def heard(self) -> None:
         self.last_heard = self._clock()

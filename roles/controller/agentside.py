@@ -73,7 +73,8 @@ class AgentSide:
         window = max(self.config.transfer_window, 2 * msg["chunk_size"] + 65536)
         t = Transfer(f"t-{uuid.uuid4().hex[:16]}", "upload", device, dataset, snapshot, "", session.routing,
                      msg["req"], image_size=msg["image_size"], chunk_size=msg["chunk_size"],
-                     chunk_count=msg["chunk_count"], window=window, started_at=self.now, last_progress=self.now)
+                     chunk_count=msg["chunk_count"], window=window, started_at=self.now, last_progress=self.now,
+                     taken_at=msg.get("taken_at"))
         t.ledger.window, t.ledger.device = window, device
         try:
             # refused, not failed: the catalog is still asked (a snapshot already committed is answered so)

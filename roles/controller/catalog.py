@@ -37,9 +37,12 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
+from itertools import groupby
+from pathlib import Path
 
 from bus.errors import SpeedSyncError
 from roles.durabledb import open_durable
+from roles.retention import Snapshot, to_prune
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -69,9 +72,15 @@ MIGRATIONS = {
     # quotas: bytes stored per device; a catalog from before starts every device at 0 (what it stored
     # earlier was never counted: the nodes' ownership logs are the only record of it)
     1: ["CREATE TABLE device_usage (device_id TEXT PRIMARY KEY, stored_bytes INTEGER NOT NULL)"],
+    # retention: each snapshot's time (the image's mtime; a catalog from before takes committed_at), and the
+    # snapshots pruned from the catalog whose manifests their node has not yet confirmed removed
+    2: ["ALTER TABLE snapshots ADD COLUMN taken_at REAL",
+        "UPDATE snapshots SET taken_at = committed_at",
+        "CREATE TABLE pruning (device_id TEXT NOT NULL, dataset TEXT NOT NULL, snapshot TEXT NOT NULL, "
+        "node_id TEXT NOT NULL, pruned_at REAL NOT NULL, PRIMARY KEY (device_id, dataset, snapshot))"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-COLUMNS = "device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at"
+COLUMNS = "device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at, taken_at"
 
 
 class CatalogStore:
@@ -110,14 +119,16 @@ class CatalogStore:
         return _row(row) if row else None
 
     def record_many(self, rows: list) -> float:
-        """Group commit: every row in one transaction, so one fsync covers them all.
-        Returns their `committed_at` (wall-clock seconds)."""
+        """Group commit: every row (device, dataset, snapshot, node, size, chunk_count, blake3[, taken_at])
+        in one transaction, so one fsync covers them all. Returns their `committed_at` (wall-clock
+        seconds), which is also the taken_at of a row without one."""
         committed_at = time.time()
         self._end_stray_transaction()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                [(*row, committed_at) for row in rows])
+            self.db.executemany(f"INSERT OR REPLACE INTO snapshots ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                [(*row[:7], committed_at, row[7] if len(row) > 7 and row[7] is not None
+                                  else committed_at) for row in rows])
             self.db.execute("COMMIT")
         except BaseException:
             self._end_stray_transaction()
@@ -162,6 +173,35 @@ class CatalogStore:
         last = rows[limit - 1]
         return rows[:limit], (last["device_id"], last["dataset"], last["snapshot"])
 
+    def prune(self, policy, protected: frozenset) -> list[tuple]:
+        """Apply the retention policy (roles/retention.py) to every dataset: the rows it does not keep
+        leave `snapshots` and enter `pruning`, in one transaction. Returns every (device, dataset,
+        snapshot, node) whose manifest is still to be removed, these and any left from before."""
+        if policy:
+            doomed = [row[:4] for row in prune_plan(self.db, policy, protected)]
+            if doomed:
+                now = time.time()
+                self._end_stray_transaction()
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    self.db.executemany("DELETE FROM snapshots WHERE device_id=? AND dataset=? AND snapshot=?",
+                                        [d[:3] for d in doomed])
+                    self.db.executemany("INSERT OR REPLACE INTO pruning VALUES (?, ?, ?, ?, ?)",
+                                        [(*d, now) for d in doomed])
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self._end_stray_transaction()
+                    raise
+        return self.pruning()
+
+    def pruning(self) -> list[tuple]:
+        """(device, dataset, snapshot, node) of every pruned snapshot whose node has not confirmed it."""
+        return list(self.db.execute("SELECT device_id, dataset, snapshot, node_id FROM pruning"))
+
+    def pruned(self, keys: list) -> None:
+        """The nodes removed these manifests: forget them (one transaction)."""
+        self.db.executemany("DELETE FROM pruning WHERE device_id=? AND dataset=? AND snapshot=?", keys)
+
     def usage(self) -> dict:
         """{device: stored bytes} of every device that stored anything (read once, at start)."""
         return dict(self.db.execute("SELECT device_id, stored_bytes FROM device_usage"))
@@ -179,6 +219,35 @@ class CatalogStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def prune_plan(db, policy, protected=frozenset()) -> list[tuple]:
+    """(device, dataset, snapshot, node, taken_at) of every row the policy does not keep, by dataset,
+    oldest first. One dataset's rows are in memory at a time."""
+    plan = []
+    rows = db.execute("SELECT device_id, dataset, snapshot, node_id, taken_at FROM snapshots "
+                      "ORDER BY device_id, dataset")
+    for (device, dataset), group in groupby(rows, key=lambda r: (r[0], r[1])):
+        by_name = {r[2]: r for r in group}
+        names = to_prune([Snapshot(name, r[4]) for name, r in by_name.items()], policy.rules_for(device, dataset),
+                         {s for d, ds, s in protected if (d, ds) == (device, dataset)})
+        plan.extend(by_name[name] for name in names)
+    return plan
+
+
+def open_read_only(data_dir: str):
+    """The catalog for reading beside a running broker (`speedsync prune --dry-run`); it must exist and be
+    of this broker's schema (the broker migrates it at start)."""
+    path = Path(data_dir) / "catalog.sqlite3"
+    if not path.exists():
+        raise CatalogVersionError(f"no catalog at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        db.close()
+        raise CatalogVersionError(f"the catalog in {data_dir} has schema version {version}, this broker "
+                                  f"{SCHEMA_VERSION}: start the broker once to migrate it")
+    return db
 
 
 class CatalogVersionError(SpeedSyncError):
@@ -257,4 +326,4 @@ def unavailable_reason(error: BaseException) -> str | None:
 
 def _row(r) -> dict:
     return {"device_id": r[0], "dataset": r[1], "snapshot": r[2], "node_id": r[3], "size": r[4],
-            "chunk_count": r[5], "blake3": r[6].hex(), "committed_at": r[7]}
+            "chunk_count": r[5], "blake3": r[6].hex(), "committed_at": r[7], "taken_at": r[8]}

@@ -35,6 +35,7 @@ from roles.controller.cataloghealth import CatalogHealth
 from roles.controller.enrolment import Enrolment
 from roles.controller.nodeside import NodeSide
 from roles.controller.placement import Placement
+from roles.controller.pruneside import PruneSide, PruneState
 from roles.controller.quota import DeviceQuotas
 from roles.controller.registry import Registry
 from roles.controller.restores import RestoreCredit
@@ -50,7 +51,7 @@ DISPATCH = {
               "ERROR": "agent_ERROR"},
     "node": {"READY": "on_ready", "HEARTBEAT": "node_HEARTBEAT", "BYE": "node_BYE", "OPENED": "node_OPENED",
              "MISSING": "node_MISSING", "STORED": "node_STORED", "COMMITTED": "node_COMMITTED",
-             "IMAGE": "node_IMAGE", "BLOCK": "node_BLOCK", "ERROR": "node_ERROR"},
+             "IMAGE": "node_IMAGE", "BLOCK": "node_BLOCK", "PRUNED": "node_PRUNED", "ERROR": "node_ERROR"},
     "status": {"STATUS": "status_STATUS", "LIST": "status_LIST"},
 }
 
@@ -71,7 +72,7 @@ class ControllerStatistics:
     received_bytes: int = 0  # CHUNK payload bytes accepted from agents (as they travelled)
 
 
-class Controller(AgentSide, NodeSide, CatalogSide, Enrolment):
+class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment):
     def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict,
                  wall_clock=None, usage=None):
         """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex;
@@ -112,6 +113,7 @@ class Controller(AgentSide, NodeSide, CatalogSide, Enrolment):
         self.batch_in_flight: dict[str, tuple] = {}  # the rows the catalog is writing, by transfer id
         self.probe_in_flight = False
         self.catalog_health = CatalogHealth()  # unavailable: writes held and tried again (cataloghealth.py)
+        self.prune_state = PruneState()  # retention runs and the manifests still to remove (pruneside.py)
         self.handlers = {side: {t: getattr(self, name) for t, name in table.items()}
                          for side, table in DISPATCH.items()}
         self.now = 0.0
@@ -159,6 +161,10 @@ class Controller(AgentSide, NodeSide, CatalogSide, Enrolment):
             self.usage_saved(error)
         elif kind == "probe":
             self.probed(error)
+        elif kind == "prune":
+            self.prune_applied(result, error)
+        elif kind == "pruned":
+            self.prunes_confirmed(key[1], error)
         return self.out
 
     def on_time(self, now: float) -> list:
@@ -180,12 +186,14 @@ class Controller(AgentSide, NodeSide, CatalogSide, Enrolment):
         self.history.expire(now)
         self.flush_records()
         self.save_usage()
+        self.prune_due()
         return self.out
 
     def next_deadline(self) -> float | None:
         # rows to hand the catalog are due at the end of this turn, unless it is unavailable and backing off
         due = [d for d in (self.catalog_due(), self.registry.next_due(), self.stalls.next_due(),
-                           self.restores.next_due(), self.history.next_expiry(), self.quotas.next_deadline())
+                           self.restores.next_due(), self.history.next_expiry(), self.quotas.next_deadline(),
+                           self.prune_state.next_due(bool(self.config.retention)))
                if d is not None]
         return min(due) if due else None
 

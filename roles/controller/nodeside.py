@@ -33,6 +33,7 @@ class NodeSide:
         node.take_figures(msg)
         logger.info("storage node {} ready (window {} bytes, {} free)", node.node_id, msg["window"],
                     msg["free_bytes"])
+        self.send_prunes(node.node_id)  # manifests of snapshots pruned while it was away (pruneside.py)
 
     def node_HEARTBEAT(self, node, msg, frames) -> None:
         node.free_bytes = msg.get("free_bytes", node.free_bytes)
@@ -112,7 +113,7 @@ class NodeSide:
         self.committed_frames[t.transfer_id] = list(frames)
         # group commit: rows that arrive together share one transaction (one fsync); see flush_records
         self.rows_waiting[t.transfer_id] = (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
-                                            msg["chunk_count"], msg["image_blake3"])
+                                            msg["chunk_count"], msg["image_blake3"], t.taken_at)
 
     def node_IMAGE(self, node, msg, frames) -> None:
         t = self.placed(node, msg)

@@ -89,5 +89,6 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
         "broker": {"rss_bytes": figures.get("rss_bytes", 0), "dropped_messages": figures.get("dropped_messages", 0),
                    "errors_by_code": dict(controller.errors_by_code), "active_transfers": len(controller.transfers),
                    "restore_in_flight_bytes": sum(restores.node_in_flight.values()),
-                   "max_chunk_size": MAX_CHUNK_SIZE, "catalog": catalog(controller)},
+                   "max_chunk_size": MAX_CHUNK_SIZE, "catalog": catalog(controller),
+                   "retention": controller.prune_status()},
     }

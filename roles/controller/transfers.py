@@ -89,6 +89,7 @@ class Transfer:
     queried_to: int = 0
     ledger: UploadLedger = field(default_factory=UploadLedger)
     started_at: float = 0.0
+    taken_at: int | None = None  # the snapshot's time, from its OFFER (None: the catalog uses committed_at)
     last_progress: float = 0.0
     finished_at: float | None = None
     refusal: RequestError | None = None  # placement's answer, kept while the catalog is asked

@@ -52,8 +52,8 @@ SESSION_IDLE_S = 600.0
 DEVICE_SESSIONS_MAX = 64
 # what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
-                                             "READ", "CREDIT")}}
-STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap", "gc"})
+                                             "READ", "CREDIT", "PRUNE")}}
+STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap", "gc", "prune"})
 IMAGE_KINDS = frozenset({"hash", "commit", "drop"})
 
 
@@ -119,7 +119,7 @@ class StorageCore(CommitPath):
         self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
                              "commit": self._committed, "hash": self._ignore, "drop": self._ignore,
-                             "reap": self._ignore, "gc": self._gc_done}
+                             "reap": self._ignore, "gc": self._gc_done, "prune": self._pruned}
 
     # --- the link ------------------------------------------------------------------
 
@@ -416,6 +416,19 @@ class StorageCore(CommitPath):
         tid = msg["transfer_id"]
         self.pump.opening(tid, msg["window"])
         self._store(out, ("manifest", tid), self.manifests.load, msg["device_id"], msg["dataset"], msg["snapshot"])
+
+    def on_PRUNE(self, msg, now: float, out: list) -> None:
+        key = (msg["device_id"], msg["dataset"], msg["snapshot"])
+        self._store(out, ("prune", *key), self.manifests.remove, *key)
+
+    def _pruned(self, key, result, error, now: float, out: list) -> None:
+        _, device, dataset, snapshot = key
+        if error is not None:  # not confirmed: the broker sends PRUNE again at its next run
+            logger.error("removing the manifest of {}/{}/{} failed: {}", device, dataset, snapshot, error)
+            return
+        if result:
+            logger.info("pruned {}/{}/{}: its chunks go at the next garbage collection", device, dataset, snapshot)
+        out.append(Send(BROKER, make("PRUNED", device_id=device, dataset=dataset, snapshot=snapshot)))
 
     def on_CREDIT(self, msg, now: float, out: list) -> None:
         out.extend(self.pump.credit(msg["transfer_id"], msg["bytes"], now))

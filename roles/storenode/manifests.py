@@ -8,6 +8,7 @@ a path is the last line of defence.
 A committed manifest is never overwritten: saving one that exists with
 other content is refused (`conflict`), the same content again is a no-op;
 the file is linked into place, so even two savers racing cannot replace it.
+Only the broker's retention removes one (`remove`, for PRUNE).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import msgpack
 
 from bus.errors import RequestError
 from roles.geometry import ImageGeometry
-from roles.durable import PLAIN, DiskIO, make_dirs, write_durable
+from roles.durable import PLAIN, DiskIO, fsync_dir, make_dirs, write_durable
 from schemas import is_valid_id
 
 
@@ -102,6 +103,17 @@ class ManifestStore:
             raise RequestError(f"snapshot {dataset}/{snapshot} is not stored here", "not_found") from None
         except (ValueError, KeyError, TypeError, msgpack.UnpackException):
             raise RequestError(f"manifest of {dataset}/{snapshot} is damaged", "storage_error") from None
+
+    def remove(self, device_id: str, dataset: str, snapshot: str) -> bool:
+        """Retention (the broker's PRUNE): the manifest unlinked, durably (its directory fsynced).
+        False if it was not there: pruning again is harmless. Its chunks stay until garbage collection."""
+        path = self._path(device_id, dataset, snapshot)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        fsync_dir(path.parent, self.io)
+        return True
 
     def exists(self, device_id: str, dataset: str, snapshot: str) -> bool:
         return self._path(device_id, dataset, snapshot).exists()
