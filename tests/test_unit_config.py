@@ -51,6 +51,10 @@ def test_shipped_config_without_its_keys_names_the_missing_key(name, tmp_path):
     ("rpo_target: soon\n", "rpo_target"),
     ("rpo_target: 0s\n", "rpo_target"),
     ("list_page_size: 0\n", "list_page_size"),
+    ("retention: {keep_lats: 3}\n", "retention"),
+    ("retention: {keep_daily: -1}\n", "retention"),
+    ("retention: {overrides: [{dataset: '../x', keep_last: 1}]}\n", "retention"),
+    ("prune_interval_ms: 0\n", "prune_interval_ms"),
 ])
 def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
     path = tmp_path / "broker.yaml"

@@ -115,3 +115,40 @@ def test_a_bad_retention_value_is_refused_naming_what_is_wrong(value, named):
     with pytest.raises(ValueError) as info:
         parse_retention(value)
     assert named in str(info.value)
+
+
+# --- the catalog's side -----------------------------------------------------------------------------
+
+
+def test_a_catalog_from_before_taken_at_takes_committed_at_and_prunes_then_converges(tmp_path):
+    import sqlite3
+
+    from roles.controller.catalog import SCHEMA, SCHEMA_VERSION, CatalogStore, open_read_only, prune_plan
+    from roles.retention import parse_retention
+
+    directory = tmp_path / "broker"
+    directory.mkdir()
+    db = sqlite3.connect(directory / "catalog.sqlite3", isolation_level=None)  # version 0, three snapshots
+    db.executescript(SCHEMA)
+    for i, snapshot in enumerate(("s1", "s2", "s3")):
+        db.execute("INSERT INTO snapshots VALUES ('office-1', 'fs', ?, 'node-a', 4096, 1, ?, ?)",
+                   (snapshot, b"\x01" * 32, 1000.0 + 3600 * i))
+    db.close()
+    store = CatalogStore(str(directory))
+    assert [r["taken_at"] for r in store.list()[0]] == [1000.0, 4600.0, 8200.0]
+    policy = parse_retention({"keep_last": 1})
+    reader = open_read_only(str(directory))  # what `speedsync prune --dry-run` reads beside the broker
+    assert [r[2] for r in prune_plan(reader, policy)] == ["s1", "s2"]
+    reader.close()
+
+    # s2 is being restored: protected; s1 leaves the catalog and waits in `pruning` for its node
+    assert store.prune(policy, frozenset({("office-1", "fs", "s2")})) == [("office-1", "fs", "s1", "node-a")]
+    assert [r["snapshot"] for r in store.list()[0]] == ["s2", "s3"]
+    store.close()
+    store = CatalogStore(str(directory))  # a crash before the node answered: the entry is still there
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store.prune(policy, frozenset()) == [("office-1", "fs", "s1", "node-a"), ("office-1", "fs", "s2", "node-a")]
+    store.pruned([("office-1", "fs", "s1"), ("office-1", "fs", "s2")])
+    assert store.pruning() == [] and [r["snapshot"] for r in store.list()[0]] == ["s3"]
+    assert store.prune(policy, frozenset()) == []  # converged: nothing more to do
+    store.close()

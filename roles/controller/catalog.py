@@ -196,7 +196,8 @@ class CatalogStore:
 
     def pruning(self) -> list[tuple]:
         """(device, dataset, snapshot, node) of every pruned snapshot whose node has not confirmed it."""
-        return list(self.db.execute("SELECT device_id, dataset, snapshot, node_id FROM pruning"))
+        return list(self.db.execute("SELECT device_id, dataset, snapshot, node_id FROM pruning "
+                                    "ORDER BY device_id, dataset, snapshot"))
 
     def pruned(self, keys: list) -> None:
         """The nodes removed these manifests: forget them (one transaction)."""
