@@ -1,11 +1,11 @@
 """End to end: garbage collection on a storage node racing real uploads (issue 12, part 3).
 
 GC runs every 100 ms, and each of its slices is slowed (`fault_gc_slice_ms`) so that a run lasts long
-enough for uploads to negotiate, store and commit in the middle of it. A snapshot is dropped the way
-the broker's retention will have the node drop it (its PRUNE is built on another branch): the manifest
-file is deleted while the node is stopped. The catalog still lists it; it is no longer kept. What must
-hold: every upload commits, every kept snapshot restores identical, the scrub is clean, and the node's
-chunk files (and its `chunks` in status) fall to exactly what the kept manifests reference.
+enough for uploads to negotiate, store and commit in the middle of it. The broker keeps `keep_last: 1`
+and prunes every 100 ms, so each commit sends the node a PRUNE for the snapshot before it, and the
+next uploads share chunks with snapshots just pruned. What must hold: every upload commits, the catalog
+ends with the newest snapshot alone, it restores identical, the scrub is clean, and the node's chunk
+files (and its `chunks` in status) fall to exactly what its manifest references.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ def node_entry(cluster) -> dict:
     return entry
 
 
-def drop_while_stopped(cluster, snapshots) -> None:
-    """What retention's PRUNE does on the node, done by hand while it is stopped: manifests go."""
-    cluster.terminate("node-a")
-    for snapshot in snapshots:
-        (cluster.node_dir("node-a") / "manifests" / "office-1" / "ds" / f"{snapshot}.manifest").unlink()
-    cluster.restart("node-a")
+def start_pruning(cluster, slice_ms: int) -> None:
+    """A broker keeping the newest snapshot only, pruning every 100 ms; a node collecting every 100 ms."""
+    cluster.start_broker(retention={"keep_last": 1}, prune_interval_ms=100)
+    cluster.start_storage("node-a", gc_interval_ms=100, fault_gc_slice_ms=slice_ms)
 
 
 def upload(cluster, cfg, expect: list) -> None:
@@ -52,6 +50,10 @@ def assert_converged(cluster, cfg, kept: dict, tmp_path) -> None:
     kept snapshot restores identical and the scrub is clean."""
     store = cluster.node_dir("node-a")
     live = set().union(*(names_of(path) for path, _ in kept.values()))
+    cluster.wait_for(lambda: {s["snapshot"] for s in cluster.catalog("office-1")} == set(kept), 30,
+                     "the catalog pruned to the newest")
+    cluster.wait_for(lambda: not cluster.status()["broker"]["retention"]["pending_manifests"], 30,
+                     "the pruned manifests removed")
     runs = node_entry(cluster)["gc_runs"]
     cluster.wait_for(lambda: node_entry(cluster)["gc_runs"] >= runs + 2, 30, "two more GC runs, after the uploads")
     assert chunk_files(store) == live
@@ -62,21 +64,18 @@ def assert_converged(cluster, cfg, kept: dict, tmp_path) -> None:
     assert assert_scrub_clean(cluster, "node-a")["chunks_checked"] == len(live)
 
 
-def test_seeded_rounds_of_uploads_sharing_chunks_with_snapshots_just_dropped(cluster, tmp_path):
-    """Three seeded rounds: drop every snapshot but the newest, then upload two that share chunks
-    with the dropped ones (and each other) while GC runs."""
+def test_seeded_rounds_of_uploads_sharing_chunks_with_snapshots_just_pruned(cluster, tmp_path):
+    """Three seeded rounds of two uploads, each made from a snapshot of any round before (most of them
+    pruned by then), while retention prunes and GC runs."""
     rng = random.Random(12)
-    cluster.start(gc_interval_ms=100, fault_gc_slice_ms=3)
+    start_pruning(cluster, slice_ms=3)
     directory = cluster.dataset_dir("office-1", "ds")
     cfg = cluster.agent_config("office-1", [{"name": "ds", "path": directory, "chunk_size": CHUNK}])
     images = {"s00": (directory / "s00.img", generate_image(str(directory / "s00.img"), IMAGE, seed=12,
                                                               zero_fraction=0.05, text_fraction=0.3))}
     upload(cluster, cfg, ["s00"])
     for round_ in range(1, 4):
-        newest = max(images)
-        drop_while_stopped(cluster, [s for s in images if s != newest])
         bases = list(images.values())
-        images = {newest: images[newest]}
         made = []
         for k in range(2):
             snapshot = f"s{round_}{k}"
@@ -87,13 +86,14 @@ def test_seeded_rounds_of_uploads_sharing_chunks_with_snapshots_just_dropped(clu
             images[snapshot] = (path, digest)
             made.append(snapshot)
         upload(cluster, cfg, made)
-    assert_converged(cluster, cfg, images, tmp_path)
+    newest = max(images)  # written last: the newest mtime (or the same second, and the greatest name)
+    assert_converged(cluster, cfg, {newest: images[newest]}, tmp_path)
 
 
 def test_a_kill_9_of_the_node_in_the_middle_of_a_gc_run_loses_nothing(cluster, tmp_path):
-    """The node is killed half-way through the sweep of a dropped snapshot's chunks while an upload
+    """The node is killed half-way through the sweep of a pruned snapshot's chunks while an upload
     that shares some of them runs; after the restart the upload commits and the next runs converge."""
-    cluster.start(gc_interval_ms=100, fault_gc_slice_ms=30)  # a sweep of 256 slices: 8 s to kill it in
+    start_pruning(cluster, slice_ms=30)  # a sweep of 256 slices: 8 s to kill it in
     directory = cluster.dataset_dir("office-1", "ds")
     cfg = cluster.agent_config("office-1", [{"name": "ds", "path": directory, "chunk_size": CHUNK}])
     s0 = directory / "s0.img"
@@ -108,8 +108,7 @@ def test_a_kill_9_of_the_node_in_the_middle_of_a_gc_run_loses_nothing(cluster, t
     store = cluster.node_dir("node-a")
     first, last = (store / "chunks" / n.hex()[:2] / n.hex() for n in (only_dropped[0], only_dropped[-1]))
 
-    drop_while_stopped(cluster, ["s0"])
-    cluster.start_agent_once(cfg)
+    cluster.start_agent_once(cfg)  # s1's commit has s0 pruned, and GC sweeps its chunks while s2 uploads
     # the sweep goes chunks/00 .. chunks/ff: the first of these gone and the last not yet is mid-run
     cluster.wait_for(lambda: not first.exists() and last.exists(), 20, "a sweep half-way through",
                      interval_s=0.005)
@@ -121,4 +120,4 @@ def test_a_kill_9_of_the_node_in_the_middle_of_a_gc_run_loses_nothing(cluster, t
     assert rc == 0, log
     assert sorted((t["snapshot"], t["state"]) for t in doc["transfers"]) == [("s1", "committed"),
                                                                             ("s2", "committed")]
-    assert_converged(cluster, cfg, kept, tmp_path)
+    assert_converged(cluster, cfg, {"s2": kept["s2"]}, tmp_path)
