@@ -57,10 +57,13 @@ def test_shipped_config_without_its_keys_names_the_missing_key(name, tmp_path):
     ("prune_interval_ms: 0\n", "prune_interval_ms"),
 ])
 def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
-    path = tmp_path / "broker.yaml"
+    assert_refused(tmp_path / "broker.yaml", cfg.BrokerConfig, text, key)
+
+
+def assert_refused(path, kind, text: str, key: str) -> None:
     path.write_text("insecure: true\n" + text)
     with pytest.raises(cfg.ConfigError) as info:
-        cfg.load(cfg.BrokerConfig, path)
+        cfg.load(kind, path)
     assert key in str(info.value) and str(path) in str(info.value)
 
 
@@ -70,11 +73,7 @@ def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
     ("fault_gc_slice_ms: -1\n", "fault_gc_slice_ms"),
 ])
 def test_bad_storage_gc_keys_are_refused_naming_key_and_file(tmp_path, text, key):
-    path = tmp_path / "storage.yaml"
-    path.write_text("insecure: true\n" + text)
-    with pytest.raises(cfg.ConfigError) as info:
-        cfg.load(cfg.StorageConfig, path)
-    assert key in str(info.value) and str(path) in str(info.value)
+    assert_refused(tmp_path / "storage.yaml", cfg.StorageConfig, text, key)
 
 
 def test_gc_runs_hourly_by_default(tmp_path):

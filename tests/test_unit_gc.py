@@ -101,6 +101,15 @@ def run_all(node, uploads) -> None:
     assert [u.state for u in uploads] == ["committed"] * len(uploads)
 
 
+def asked_for(node, device, snapshot, raws) -> list:
+    """What negotiation asks a new upload of these chunks to send (sorted)."""
+    upload = Upload(node, device, snapshot, raws)
+    upload.step()
+    node.settle()
+    route(node, [upload])
+    return sorted(upload.to_send)
+
+
 def gc_once(node) -> None:
     runs = node.core.gc.runs
     node.advance(GC_S)
@@ -129,11 +138,7 @@ def test_an_unreferenced_chunk_goes_and_a_referenced_one_never_does(tmp_path):
     assert stats.gc_freed_bytes == 3 * (CHUNK + 8)  # header and raw chunk, per file
     assert stats.chunks_on_disk == len(shared + only_new)
     # negotiation no longer counts what went: a new upload is asked for exactly those chunks
-    again = Upload(node, "dev", "s2", only_old + shared)
-    again.step()
-    node.settle()
-    route(node, [again])
-    assert sorted(again.to_send) == sorted(only_old)
+    assert asked_for(node, "dev", "s2", only_old + shared) == sorted(only_old)
 
 
 def test_a_chunk_another_device_references_survives_but_stops_counting_for_the_one_that_dropped_it(tmp_path):
@@ -145,11 +150,7 @@ def test_a_chunk_another_device_references_survives_but_stops_counting_for_the_o
     gc_once(node)
     assert chunk_files(node) == {name_of(r) for r in common}  # b still references them
     # a is asked for them again: whether b holds them is not a's to learn
-    again = Upload(node, "a", "s1", common)
-    again.step()
-    node.settle()
-    route(node, [again])
-    assert sorted(again.to_send) == sorted(common)
+    assert asked_for(node, "a", "s1", common) == sorted(common)
 
 
 def test_a_chunk_negotiated_present_for_an_open_upload_survives_until_it_commits(tmp_path):
@@ -249,11 +250,7 @@ def test_a_crash_after_any_slice_leaves_every_manifest_whole_and_the_next_run_co
         fresh = CoreNode(root, gc_interval_s=GC_S)
         gc_once(fresh)
         assert chunk_files(fresh) == referenced(fresh)
-        again = Upload(fresh, "dev", "later", chunks("kept", 2) + chunks("gone", 2))
-        again.step()
-        fresh.settle()
-        route(fresh, [again])
-        assert sorted(again.to_send) == sorted(chunks("gone", 2))
+        assert asked_for(fresh, "dev", "later", chunks("kept", 2) + chunks("gone", 2)) == sorted(chunks("gone", 2))
 
 
 def _setup_for_crash(node) -> int:
