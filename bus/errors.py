@@ -40,7 +40,9 @@ CODES = {
     "catalog_mismatch": "the node's answer disagrees with the catalog's record of the snapshot",
     "internal": "an unexpected failure on the answering side",
     "rate_limited": "the device sent QUERY slices faster than query_rate",
-    "image_too_large": "the image is larger than the chosen node's free space not yet reserved",
+    "image_too_large": "the image is larger than any node it may go to could ever hold (its free plus used bytes)",
+    "no_space": "no node it may go to has room for the image now (free space minus what uploads in progress "
+                "reserve); parked, and offered again when room appears",
     "quota_exceeded": "the device's stored bytes would exceed its quota",
     "catalog_unavailable": "the broker's catalog cannot serve now (its disk is full or failing); offer or ask again later",
 }

@@ -93,6 +93,8 @@ _DECLARED = [
         "image_size": Int(max=MAX_IMAGE_SIZE), "chunk_size": Int(min=MIN_CHUNK_SIZE, max=MAX_CHUNK_SIZE),
         "chunk_count": Int(max=MAX_CHUNKS)}),
     _t("OPENED", "node", "broker", "the node holds state for the transfer", {**TRANSFER}),
+    _t("ROOM", "broker", "agent", "room appeared for a snapshot parked no_space: offer it again now",
+       {"dataset": Id(), "snapshot": Id()}),
     _t("ACCEPT", "broker", "agent", "answer to OFFER or RESTORE: the transfer id and its node",
        {"req": Int(), **TRANSFER, "node_id": Id(), "committed": Bool()}),
     _t("QUERY", "agent", "node", "a slice of the manifest in order: which of these do you lack? (nil = zero chunk)",

@@ -20,7 +20,7 @@ from roles.sampleimages import generate_image, mutate_chunks
 from tests.harness import (MiB, RawClient, assert_restores, assert_scrub_clean, chunk_names, distinct_nonzero_chunks,
                            partial_files, uploads_of)
 
-ENOSPC_REASON = "storage_error: store failed: No space left on device"
+ENOSPC_REASON = "no_space: store failed: No space left on device"
 CHUNK_HEADER = 8  # roles/storenode/chunkstore.py: magic, format, codec, raw length
 
 
@@ -127,7 +127,7 @@ def test_no_chunk_is_acknowledged_before_it_is_whole_on_disk_when_the_disk_fills
             assert blob[CHUNK_HEADER:] == by_name[msg["hash"]], f"STORED {msg['hash'].hex()[:16]} is not whole on disk"
             acked.append(msg["hash"])
         elif msg.t == "ERROR":
-            assert msg["code"] == "storage_error", dict(msg.fields)
+            assert msg["code"] == "no_space", dict(msg.fields)  # a full disk: parked until room appears
             if msg.get("hash") is not None:
                 refused.append(msg["hash"])
             if msg.get("ref") == "OFFER" or "No space" in msg["reason"]:

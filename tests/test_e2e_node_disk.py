@@ -135,7 +135,7 @@ def test_a_full_ownership_log_parks_the_upload_with_its_reason_and_the_node_serv
     agent = cluster.start_agent_once(cfg)
     (parked,) = cluster.wait_for(lambda: parked_with(cluster, "office-1", "fileserver", "s1", "ownership log")[:1],
                                  60, "the upload parked for a full ownership log")
-    assert parked["reason"] == "storage_error: ownership log: No space left on device", parked
+    assert parked["reason"] == "no_space: ownership log: No space left on device", parked
     # the node serves on: it is alive, and another device's snapshot restores identical
     assert cluster.running("node-a") and cluster.node_alive("node-a")
     assert_restores(cluster, first_cfg, "fileserver", "s1", first_digest, tmp_path)

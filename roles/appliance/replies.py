@@ -13,7 +13,7 @@ from schemas import error_message, make
 
 # Refusals that say "not now" rather than "never": the upload is parked and
 # offered again without counting as a failed attempt.
-PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error", "catalog_unavailable"}
+PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error", "catalog_unavailable", "no_space"}
 # ERROR `forbidden` about the connection itself (our key is not or no longer
 # admitted, or does not name this device), not about one request: saying
 # HELLO again at once would be refused again, so the agent drops the
@@ -25,6 +25,7 @@ REFUSED_FIRST_S, REFUSED_MAX_S = 1.0, 60.0
 # what the broker sends or passes on to an agent -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {
     "broker": {"WELCOME": "on_WELCOME", "HEARTBEAT": "on_HEARTBEAT", "PONG": "on_PONG", "ERROR": "on_ERROR",
+               "ROOM": "on_ROOM",
                "ACCEPT": "on_reply", "MISSING": "on_reply", "CREDIT": "on_reply", "STORED": "on_reply",
                "COMMITTED": "on_reply", "IMAGE": "on_restore_reply", "BLOCK": "on_restore_reply"},
     "status": {"STATUS": "answer_status"},
@@ -55,6 +56,14 @@ class BrokerReplies:
     def on_PONG(self, msg, now: float) -> None:
         if self.bandwidth.yielding is not None:
             self.bandwidth.yielding.on_rtt(now - msg["sent_us"] / 1e6, now, self.wire.ack_rate)
+
+    def on_ROOM(self, msg, now: float) -> None:
+        """The cloud has room for a snapshot we parked no_space: offer it again now, not at the end of
+        its back-off. About anything else (not parked no_space, unknown) it changes nothing."""
+        key = (msg["dataset"], msg["snapshot"])
+        if self.outcomes.room(key, now):
+            logger.info("{}/{}: the cloud has room; offering it again", *key)
+            self.deadlines.schedule(("retry", key), now)
 
     def on_ERROR(self, msg, now: float) -> None:
         if msg["code"] == "not_registered":

@@ -14,7 +14,6 @@ from loguru import logger
 
 from bus.effects import Submit
 from bus.errors import RequestError
-from roles.controller.budgets import check_image_fits
 from roles.controller.transfers import AGENT, CATALOG, Transfer, advance
 from roles.geometry import ImageGeometry
 from schemas import error_message, make
@@ -79,8 +78,7 @@ class AgentSide:
         try:
             # refused, not failed: the catalog is still asked (a snapshot already committed is answered so)
             self.quotas.admit_offer(device)
-            t.node_id = self.placement.choose(device, dataset, self.registry.nodes_by_id)
-            check_image_fits(t.image_size, self.registry.nodes_by_id[t.node_id])
+            t.node_id = self.placement.choose(device, dataset, self.registry.nodes_by_id, t.image_size)
         except RequestError as exc:
             t.refusal = exc
             t.node_id = self.placement.node_for(device, dataset) or ""
@@ -102,6 +100,7 @@ class AgentSide:
             return
         if existing is not None:  # snapshots are immutable once named (DESIGN.md)
             self.history.unpark(t.key, self.now)
+            self.space_waits.leave(t.key)
             self.finish(t, "aborted", "already committed", record=False)
             self.to_agent(t, make("ACCEPT", req=t.req, transfer_id="committed", node_id=existing["node_id"],
                                   committed=True))
@@ -111,12 +110,14 @@ class AgentSide:
             exc = t.refusal or RequestError(f"node {t.node_id} left while the offer was checked", "node_unavailable")
             self.finish(t, "aborted", "refused", record=False)
             self.park_offer(t, f"{exc.code}: {exc.reason}")
+            self.wait_for_room(t, exc.code)
             self.count_error(exc.code)
             self.to_agent(t, error_message(exc, ref="OFFER", req=t.req))
             return
         advance(t, CATALOG, "checked")
         self.placement.placed(t.device_id, t.dataset, t.node_id)
         self.history.unpark(t.key, self.now)
+        self.space_waits.leave(t.key)
         node.transfers.add(t.transfer_id)
         self.stalls.schedule(t.transfer_id, self.now + self.stall_s)
         self.send(node, make("OPEN", transfer_id=t.transfer_id, device_id=t.device_id, dataset=t.dataset,
@@ -127,6 +128,29 @@ class AgentSide:
         parked = Transfer(f"p-{uuid.uuid4().hex[:16]}", "upload", t.device_id, t.dataset, t.snapshot, t.node_id,
                           t.agent_routing, t.req, image_size=t.image_size, started_at=self.now)
         self.history.park(parked, reason, self.now)
+
+    def wait_for_room(self, t: Transfer, code: str) -> None:
+        """A parked upload waits for room (no_space) or no longer does (any other reason)."""
+        if code == "no_space":
+            self.space_waits.park(t.key, t.image_size, self.placement.node_for(t.device_id, t.dataset),
+                                  t.agent_routing)
+        else:
+            self.space_waits.leave(t.key)
+
+    def room_appeared(self, node, joined: bool = False) -> None:
+        """`node` reported its space: if it has more room than before (or just joined), the offers
+        parked no_space that now fit are told ROOM, and offered again (nospace.py)."""
+        grew = self.space_waits.room_grew(node)
+        if not (grew or joined) or not len(self.space_waits):
+            return
+
+        def reachable(routing, device):
+            session = self.registry.agents.get(routing)
+            return session is not None and session.device_id == device
+
+        for routing, device, dataset, snapshot in self.space_waits.wake(self.registry.nodes_by_id, self.now,
+                                                                          reachable):
+            self.send(self.registry.agents[routing], make("ROOM", dataset=dataset, snapshot=snapshot))
 
     def agent_RESTORE(self, session, msg, frames) -> None:
         self.require_own(session, msg)

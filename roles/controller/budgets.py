@@ -6,9 +6,9 @@ past its budget with a stable code, before anything is allocated:
 
 - uploads in progress (`device_uploads_max`): `over_budget`;
 - QUERY slices, a token bucket per device (`query_rate` slices per second,
-  a burst of `query_burst`): `rate_limited`;
-- an `image_size` past the chosen node's free space (what is not yet
-  reserved for uploads in progress): `image_too_large`.
+  a burst of `query_burst`): `rate_limited`.
+
+(Whether an image fits a node, `image_too_large` or `no_space`, is placement's: placement.py.)
 
 Refusing one device changes nothing for another: the counters are keyed by
 device, and a refusal allocates nothing. O(1) per message. A device's upload
@@ -64,10 +64,3 @@ class DeviceBudgets:
                                "rate_limited")
         bucket.tokens -= 1.0
 
-
-def check_image_fits(image_size: int, node) -> None:
-    """An image no larger than the node's free space not yet reserved: raises image_too_large."""
-    room = max(0, node.free_bytes - node.reserved_bytes)
-    if image_size > room:
-        raise RequestError(f"image of {image_size} bytes exceeds the {room} bytes free on node {node.node_id}",
-                           "image_too_large")

@@ -34,6 +34,7 @@ from roles.controller.catalogside import CatalogSide
 from roles.controller.cataloghealth import CatalogHealth
 from roles.controller.enrolment import Enrolment
 from roles.controller.nodeside import NodeSide
+from roles.controller.nospace import NoSpaceWaits
 from roles.controller.placement import Placement
 from roles.controller.pruneside import PruneSide, PruneState
 from roles.controller.quota import DeviceQuotas
@@ -97,6 +98,7 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment):
         self.quotas = DeviceQuotas(config.quota, usage)
         self.placement = Placement(index)
         self.history = History(config.finished_transfers_kept, config.device_parked_max, config.parked_ttl)
+        self.space_waits = NoSpaceWaits(config.device_parked_max)  # offers parked no_space (nospace.py)
         self.transfers: dict[str, Transfer] = {}
         self.uploads_by_key: dict[tuple, Transfer] = {}  # (device, dataset, snapshot) -> upload in progress
         self.stalls = Deadlines()

@@ -34,12 +34,14 @@ class NodeSide:
         logger.info("storage node {} ready (window {} bytes, {} free)", node.node_id, msg["window"],
                     msg["free_bytes"])
         self.send_prunes(node.node_id)  # manifests of snapshots pruned while it was away (pruneside.py)
+        self.room_appeared(node, joined=True)
 
     def node_HEARTBEAT(self, node, msg, frames) -> None:
         node.free_bytes = msg.get("free_bytes", node.free_bytes)
         node.used_bytes = msg.get("used_bytes", node.used_bytes)
         node.load = msg.get("load", node.load)
         node.take_figures(msg)
+        self.room_appeared(node)
 
     def node_BYE(self, node, msg, frames) -> None:
         self.registry.drop_node(node.routing)
@@ -160,10 +162,12 @@ class NodeSide:
         if t.kind == "restore":
             # a read error (EIO, a missing or damaged chunk file) fails this restore only
             self.finish(t, "failed", f"{msg['code']}: {msg['reason']}")
-        elif msg["code"] == "storage_error":
+        elif msg["code"] in ("storage_error", "no_space"):
             # The node's disk failed or filled: nothing was acknowledged that
-            # is not on disk; park until the agent offers it again.
+            # is not on disk; park until the agent offers it again (a full
+            # disk: when room appears, nospace.py).
             self.finish(t, "parked", f"{msg['code']}: {msg['reason']}")
+            self.wait_for_room(t, msg["code"])
         elif msg.get("ref") != "CHUNK":
             self.finish(t, "failed", f"{msg['code']}: {msg['reason']}")
 

@@ -1,10 +1,17 @@
 """Where a dataset's snapshots go.
 
 A dataset stays on the node that holds its earlier snapshots (the chunks it
-shares with them are there). A new dataset goes to the node with the most
-free space after what is already reserved for uploads in progress; free
-space within PLACEMENT_BUCKET counts as equal (nodes that share a disk, or
-heartbeats a moment apart), and then the node holding fewer datasets wins.
+shares with them are there). A new dataset goes, among the nodes with room
+for its image, to the node with the most room; room within PLACEMENT_BUCKET
+counts as equal (nodes that share a disk, or heartbeats a moment apart), and
+then the node holding fewer datasets wins.
+
+A node's room is its free space minus what uploads in progress reserve (their
+image_size); its capacity is the filesystem's free plus used bytes, what the
+store could ever hold. An image larger than the capacity of every node it may
+go to is refused `image_too_large` (it would never fit: a hostile or mistaken
+size); one that would fit but finds no room now is refused `no_space`, which
+parks it until room appears (nospace.py).
 
 `Placement` adds to the catalog's index the datasets whose first upload is
 in progress, so two offers of one new dataset land on one node; every
@@ -22,20 +29,42 @@ from roles.controller.catalog import CatalogIndex
 PLACEMENT_BUCKET = 1024**3
 
 
-def choose_node(placed_on: str | None, nodes_by_id: dict, datasets_on) -> str:
-    """`placed_on`: node already holding the dataset, or None. Raises RequestError."""
+def room(node) -> int:
+    """Free space not yet reserved for uploads in progress."""
+    return max(0, node.free_bytes - node.reserved_bytes)
+
+
+def capacity(node) -> int:
+    return node.free_bytes + node.used_bytes
+
+
+def choose_node(placed_on: str | None, nodes_by_id: dict, datasets_on, image_size: int = 0) -> str:
+    """`placed_on`: node already holding the dataset, or None. Raises RequestError:
+    node_unavailable, no_storage, image_too_large (never fits) or no_space (not now)."""
     if placed_on is not None:
-        if placed_on not in nodes_by_id:
+        node = nodes_by_id.get(placed_on)
+        if node is None:
             raise RequestError(f"node {placed_on} holding this dataset is not available", "node_unavailable")
-        return placed_on
-    if not nodes_by_id:
+        candidates = [node]
+    elif not nodes_by_id:
         raise RequestError("no storage node is connected", "no_storage")
+    else:
+        candidates = list(nodes_by_id.values())
+    largest = max(capacity(n) for n in candidates)
+    if image_size > largest:
+        raise RequestError(f"image of {image_size} bytes exceeds the {largest} bytes of the largest node it may "
+                           f"go to", "image_too_large")
+    fits = [n for n in candidates if image_size <= room(n)]
+    if not fits:
+        most = max(room(n) for n in candidates)
+        where = f"node {placed_on}" if placed_on is not None else "any node"
+        raise RequestError(f"image of {image_size} bytes: {where} has {most} bytes free not reserved by uploads "
+                           f"in progress; parked until room appears", "no_space")
 
     def score(node):
-        return (-((node.free_bytes - node.reserved_bytes) // PLACEMENT_BUCKET), datasets_on(node.node_id),
-                node.load, node.node_id)
+        return (-(room(node) // PLACEMENT_BUCKET), datasets_on(node.node_id), node.load, node.node_id)
 
-    return min(nodes_by_id.values(), key=score).node_id
+    return min(fits, key=score).node_id
 
 
 class Placement:
@@ -51,8 +80,8 @@ class Placement:
         pending = self._pending.get((device_id, dataset))
         return pending[0] if pending else None
 
-    def choose(self, device_id: str, dataset: str, nodes_by_id: dict) -> str:
-        return choose_node(self.node_for(device_id, dataset), nodes_by_id, self.datasets_on)
+    def choose(self, device_id: str, dataset: str, nodes_by_id: dict, image_size: int = 0) -> str:
+        return choose_node(self.node_for(device_id, dataset), nodes_by_id, self.datasets_on, image_size)
 
     def hold(self, device_id: str, dataset: str, node_id: str) -> None:
         """An upload of the dataset is in progress on `node_id`."""

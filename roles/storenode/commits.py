@@ -13,6 +13,8 @@ the manifest durably; then COMMITTED. Any refusal is an ERROR ref COMMIT.
 
 from __future__ import annotations
 
+import errno
+
 from loguru import logger
 
 from bus.effects import Send
@@ -42,11 +44,17 @@ def describe(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {error}"
 
 
+def storage_code(error: BaseException) -> str:
+    """A full disk is `no_space` (the broker parks the upload until room appears); any other failure
+    of the disk `storage_error`."""
+    return "no_space" if isinstance(error, OSError) and error.errno == errno.ENOSPC else "storage_error"
+
+
 def as_commit_error(error: BaseException, tid: str) -> RequestError:
     if isinstance(error, RequestError):
         return error
     logger.error("commit of {} failed: {}", tid, error)
-    code = "storage_error" if isinstance(error, OSError) else "commit_failed"
+    code = storage_code(error) if isinstance(error, OSError) else "commit_failed"
     return RequestError(f"commit failed: {describe(error)}", code)
 
 

@@ -33,7 +33,7 @@ from bus.effects import Send, Submit
 from bus.errors import RequestError
 from bus.effects import LOST
 from roles.storenode.assembly import PieceAssembler
-from roles.storenode.commits import CommitPath, describe
+from roles.storenode.commits import CommitPath, describe, storage_code
 from roles.storenode.gc import GarbageCollector
 from roles.storenode.gcpins import Pins
 from roles.storenode.imagehash import ImageHashes
@@ -374,7 +374,7 @@ class StorageCore(CommitPath):
         if error is not None:
             if not isinstance(error, RequestError):
                 logger.error("storing chunk {} failed: {}", name.hex()[:16], error)
-                error = RequestError(f"store failed: {describe(error)}", "storage_error")
+                error = RequestError(f"store failed: {describe(error)}", storage_code(error))
             self._error(out, error, "CHUNK", transfer_id=tid, hash=name)
             return
         result, written = result
@@ -385,7 +385,8 @@ class StorageCore(CommitPath):
             except (OSError, RequestError) as exc:  # the chunk is on disk; the upload parks, the node serves on
                 logger.error("ownership log of {} failed: {}", session.device_id, exc)
                 reason = exc.reason if isinstance(exc, RequestError) else f"ownership log: {describe(exc)}"
-                self._error(out, RequestError(reason, "storage_error"), "CHUNK", transfer_id=tid, hash=name)
+                code = "storage_error" if isinstance(exc, RequestError) else storage_code(exc)
+                self._error(out, RequestError(reason, code), "CHUNK", transfer_id=tid, hash=name)
                 return
         self.chunks_stored += 1
         if written:
