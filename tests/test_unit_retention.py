@@ -23,6 +23,62 @@ def names(*stamps: str) -> set:
     return {stamp.replace(" ", "T") for stamp in stamps}
 
 
+# Proxmox Backup Server's own cases (proxmox-backup tests/prune.rs: test_prune_hourly, test_prune_simple,
+# test_prune_simple2), with their expected answers
+def iso(*stamps: str) -> list[Snapshot]:
+    return [Snapshot(s, float(calendar.timegm(__import__("time").strptime(s, "%Y-%m-%dT%H:%M:%SZ")))) for s in stamps]
+
+
+def pbs_removed(listing, **keep) -> list:
+    kept = kept_by_rules(listing, KeepRules(**keep))
+    return [s.name for s in sorted(listing, key=lambda s: s.taken_at) if s.name not in kept]
+
+
+def pbs_kept(listing, **keep) -> list:
+    kept = kept_by_rules(listing, KeepRules(**keep))
+    return [s.name for s in sorted(listing, key=lambda s: s.taken_at) if s.name in kept]
+
+
+HOURLY = iso("2019-11-15T09:39:15Z", "2019-11-15T10:49:15Z", "2019-11-15T10:59:15Z", "2019-11-15T11:39:15Z",
+             "2019-11-15T11:49:15Z", "2019-11-15T11:59:15Z")
+SIMPLE = iso("2019-12-02T11:59:15Z", "2019-12-03T11:59:15Z", "2019-12-04T11:59:15Z", "2019-12-04T12:59:15Z")
+SIMPLE2 = iso("2018-11-15T11:59:15Z", "2019-11-15T11:59:15Z", "2019-11-21T11:59:15Z", "2019-11-22T11:59:15Z",
+              "2019-11-29T11:59:15Z", "2019-12-01T11:59:15Z", "2019-12-02T11:59:15Z", "2019-12-03T11:59:15Z",
+              "2019-12-04T11:59:15Z")
+
+
+def test_pbs_prune_hourly():
+    assert pbs_removed(HOURLY, keep_hourly=3) == ["2019-11-15T10:49:15Z", "2019-11-15T11:39:15Z",
+                                                  "2019-11-15T11:49:15Z"]
+    assert pbs_kept(HOURLY, keep_hourly=2) == ["2019-11-15T10:59:15Z", "2019-11-15T11:59:15Z"]
+
+
+def test_pbs_prune_simple():
+    a, b, c, d = (s.name for s in SIMPLE)
+    assert pbs_removed(SIMPLE, keep_last=4) == []
+    assert pbs_removed(SIMPLE, keep_last=3) == [a]
+    assert pbs_removed(SIMPLE, keep_last=2) == [a, b]
+    assert pbs_removed(SIMPLE, keep_last=1) == [a, b, c]
+    # PBS's compute_prune_info removes all four with keep_last 0; its API refuses to prune with no rule
+    # that keeps something, which is what the broker does: nothing is removed
+    assert pbs_removed(SIMPLE, keep_last=0) == []
+    assert pbs_removed(SIMPLE, keep_last=2, keep_daily=2) == []
+    assert pbs_removed(SIMPLE, keep_daily=3) == [c]
+    assert pbs_removed(SIMPLE, keep_daily=2) == [a, c]
+    for keep in ({"keep_weekly": 5}, {"keep_daily": 1, "keep_weekly": 5}, {"keep_monthly": 6}, {"keep_yearly": 7},
+                 {"keep_weekly": 5, "keep_monthly": 6, "keep_yearly": 7}):
+        assert pbs_removed(SIMPLE, **keep) == [a, b, c], keep
+
+
+def test_pbs_prune_simple2():
+    assert pbs_kept(SIMPLE2, keep_daily=1) == ["2019-12-04T11:59:15Z"]
+    assert pbs_kept(SIMPLE2, keep_last=1, keep_daily=1) == ["2019-12-03T11:59:15Z", "2019-12-04T11:59:15Z"]
+    assert pbs_kept(SIMPLE2, keep_daily=1, keep_weekly=1) == ["2019-12-01T11:59:15Z", "2019-12-04T11:59:15Z"]
+    assert pbs_kept(SIMPLE2, keep_daily=1, keep_weekly=1, keep_monthly=1) == [
+        "2019-11-22T11:59:15Z", "2019-12-01T11:59:15Z", "2019-12-04T11:59:15Z"]
+    assert pbs_kept(SIMPLE2, keep_monthly=1, keep_yearly=1) == ["2018-11-15T11:59:15Z", "2019-12-04T11:59:15Z"]
+
+
 def test_keep_last_keeps_the_newest_n():
     s = snaps("2026-11-30 10:00", "2026-11-30 10:05", "2026-11-30 10:10", "2026-11-30 10:15", "2026-11-30 10:20")
     assert kept_by_rules(s, KeepRules(keep_last=3)) == names("2026-11-30 10:10", "2026-11-30 10:15",
