@@ -231,5 +231,5 @@ def test_list_pages_through_a_catalog_larger_than_a_page(calm_cluster):
         [k for k in expected if k[1] == "sql"]
     # without --json, off a terminal: one plain table with every row
     text = cluster.run("list", "--broker", cluster.status_endpoint).stdout.splitlines()
-    assert text[0].split() == ["device", "dataset", "snapshot", "node", "size", "blake3"]
+    assert text[0].split() == ["device", "dataset", "snapshot", "taken", "(UTC)", "node", "size", "blake3"]
     assert [tuple(line.split()[:3]) for line in text[2:]] == expected
