@@ -34,6 +34,7 @@ CODES = {
     "storage_error": "the storage node failed to store or read",
     "commit_failed": "the manifest could not be committed",
     "conflict": "the snapshot exists with different content",
+    "pruned": "the snapshot was pruned and its removal from the node is not finished; offer it again later",
     "stalled": "the transfer made no acknowledged progress for too long",
     "over_budget": "the device is over one of its budgets (device_uploads_max, restores_per_device, upload sessions "
                    "or chunk bytes in pieces on a node)",

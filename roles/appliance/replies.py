@@ -13,7 +13,8 @@ from schemas import error_message, make
 
 # Refusals that say "not now" rather than "never": the upload is parked and
 # offered again without counting as a failed attempt.
-PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error", "catalog_unavailable", "no_space"}
+PARKING_CODES = {"node_unavailable", "no_storage", "stalled", "storage_error", "catalog_unavailable", "pruned",
+                 "no_space"}
 # ERROR `forbidden` about the connection itself (our key is not or no longer
 # admitted, or does not name this device), not about one request: saying
 # HELLO again at once would be refused again, so the agent drops the

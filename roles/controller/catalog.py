@@ -40,7 +40,7 @@ from collections import Counter
 from itertools import groupby
 from pathlib import Path
 
-from bus.errors import SpeedSyncError
+from bus.errors import RequestError, SpeedSyncError
 from roles.durabledb import open_durable
 from roles.retention import Snapshot, to_prune
 
@@ -109,6 +109,12 @@ class CatalogStore:
         """The snapshot's row if it is committed; else record the dataset's
         placement on `node_id` (durably, once) and return None."""
         existing = self.lookup(device_id, dataset, snapshot)
+        if existing is None and self.db.execute("SELECT 1 FROM pruning WHERE device_id=? AND dataset=? AND "
+                                                "snapshot=?", (device_id, dataset, snapshot)).fetchone():
+            # its manifest is still to be removed from the node: a new upload of it now would commit a
+            # manifest that the pending PRUNE then deletes
+            raise RequestError(f"{dataset}/{snapshot} was pruned and its removal is not finished; offer it again "
+                               "later", "pruned")
         if existing is None and node_id is not None:
             self.db.execute("INSERT OR IGNORE INTO placements VALUES (?, ?, ?)", (device_id, dataset, node_id))
         return existing

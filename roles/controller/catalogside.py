@@ -34,6 +34,8 @@ class CatalogSide:
 
     def catalog_refusal(self, error: BaseException, what: str) -> RequestError:
         """The answer to a catalog call that failed; a catalog that cannot serve is marked so."""
+        if isinstance(error, RequestError):
+            return error  # the catalog's own refusal (an offer of a snapshot being pruned)
         reason = unavailable_reason(error)
         if reason is None:
             logger.error("catalog failed ({}): {!r}", what, error)
@@ -50,7 +52,7 @@ class CatalogSide:
     def catalog_failed(self, t: Transfer, ref: str, error: BaseException) -> None:
         """An OFFER's check or a restore's lookup failed: that request ends, told why."""
         exc = self.catalog_refusal(error, f"{ref} {t.transfer_id}")
-        if t.kind == "upload" and exc.code == "catalog_unavailable":
+        if t.kind == "upload" and exc.code in ("catalog_unavailable", "pruned"):
             self.finish(t, "aborted", "refused", record=False)
             self.park_offer(t, f"{exc.code}: {exc.reason}")
         else:
