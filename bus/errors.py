@@ -41,6 +41,7 @@ CODES = {
     "rate_limited": "the device sent QUERY slices faster than query_rate",
     "image_too_large": "the image is larger than the chosen node's free space not yet reserved",
     "quota_exceeded": "the device's stored bytes would exceed its quota",
+    "damaged": "the snapshot has chunks found damaged on its node (quarantined); a new upload of the same data heals it",
     "catalog_unavailable": "the broker's catalog cannot serve now (its disk is full or failing); offer or ask again later",
 }
 
