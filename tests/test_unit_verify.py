@@ -172,3 +172,15 @@ def test_verify_keys_are_validated(tmp_path):
         load(AgentConfig, agent)
     agent.write_text("insecure: true\nverify_interval: 12h\n")
     assert load(AgentConfig, agent).verify_interval == 12 * 3600
+
+
+def test_the_damage_of_a_snapshot_no_longer_stored_is_forgotten_at_the_end_of_a_pass(tmp_path):
+    node = Node(tmp_path)
+    bad = put_snapshot(node.chunks, node.manifests, "d1", "ds", "s1", blocks(9, 2))
+    rot(node.chunks, bad.chunks[1])
+    node.until_idle()
+    assert set(node.v.damaged) == {("d1", "ds", "s1")}
+    (tmp_path / "manifests" / "d1" / "ds" / "s1.manifest").unlink()  # pruned
+    node.now = node.v.next_due()
+    node.until_idle()
+    assert node.v.damaged == {} and node.v.passes == 2

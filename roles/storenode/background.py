@@ -44,19 +44,20 @@ DAMAGED_SHOWN = 32  # damaged snapshots named in a report (the counts cover all)
 CHUNKS_SHOWN = 8  # chunk names shown per damaged snapshot
 
 
-def background_slice(run, after, chunks, manifests, data_dir, read_budget, hash_budget):
+def background_slice(run, after, damaged_keys, chunks, manifests, data_dir, read_budget, hash_budget):
     """On a store thread: the next snapshot of the background order if `run` is None, then a step.
-    Returns (run or None at the end of the pass, bytes read)."""
+    Returns (run or None at the end of the pass, bytes read, the damaged keys no longer stored: at
+    the end of a pass, so that a pruned snapshot's damage does not stay named for ever)."""
     if run is None:
         key = next_key(manifests.root, after)
         if key is None:
-            return None, 0
+            return None, 0, [key for key in damaged_keys if not manifests.exists(*key)]
         run = VerifyRun(key)
-    return run, step(run, chunks, manifests, data_dir, read_budget, hash_budget)
+    return run, step(run, chunks, manifests, data_dir, read_budget, hash_budget), []
 
 
 def request_slice(run, chunks, manifests, data_dir, read_budget, hash_budget):
-    return run, step(run, chunks, manifests, data_dir, read_budget, hash_budget)
+    return run, step(run, chunks, manifests, data_dir, read_budget, hash_budget), []
 
 
 class Verifier:
@@ -113,7 +114,9 @@ class Verifier:
             return [Submit("store", ("verify", "request"), request_slice, (self.requests[0], *args))]
         if self.run is None and self.cursor is None:
             self.pass_started_at = now
-        return [Submit("store", ("verify", "background"), background_slice, (self.run, self.cursor, *args))]
+        damaged_keys = tuple(self.damaged) if self.run is None else ()
+        return [Submit("store", ("verify", "background"), background_slice,
+                       (self.run, self.cursor, damaged_keys, *args))]
 
     def _background_due(self, now: float) -> bool:
         if self.run is not None or self.cursor is not None or self.recheck:
@@ -130,7 +133,7 @@ class Verifier:
             logger.error("verification slice failed: {}", error)
             self.next_slice_at = now + 1.0  # a disk error: the slice is tried again, not skipped
             return effects, answers
-        run, nbytes = result
+        run, nbytes, gone = result
         self.bytes_read += nbytes
         self.changed = self.changed or nbytes > 0
         self.next_slice_at = max(now, self.slice_started_at + nbytes / self.read_limit)
@@ -143,6 +146,8 @@ class Verifier:
                 effects.append(self._save())
             return effects, answers
         if run is None:  # the pass is over
+            for gone_key in gone:
+                self.damaged.pop(gone_key, None)
             self.passes += 1
             self.last_pass_s = now - self.pass_started_at
             self.next_pass_at = max(now, self.pass_started_at + self.interval_s - self.last_pass_s)
