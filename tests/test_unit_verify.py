@@ -184,3 +184,42 @@ def test_the_damage_of_a_snapshot_no_longer_stored_is_forgotten_at_the_end_of_a_
     node.now = node.v.next_due()
     node.until_idle()
     assert node.v.damaged == {} and node.v.passes == 2
+
+
+class Recorder:
+    """A second connection of the device: keeps what the broker says to it."""
+
+    def __init__(self):
+        self.got: list = []
+
+    def handle(self, msg) -> list:
+        self.got.append(msg)
+        return []
+
+
+def test_the_broker_sends_a_devices_verify_to_the_node_holding_it_one_at_a_time(tmp_path):
+    from bus.effects import Send
+    from schemas import make
+    from tests.test_unit_cores import BROKER, Router, image_of
+
+    image = image_of(12, 4)
+    router = Router(tmp_path, {"fs": image})
+    router.run_until(lambda: router.agent.done)
+    router.restorer = Recorder()
+    digest = blake3.blake3(image).digest()
+    router.take("restorer", [Send(BROKER, make("HELLO", device_id="office-1")),
+                             Send(BROKER, make("VERIFY", req=7, dataset="fs", snapshot="s1", image_blake3=digest)),
+                             Send(BROKER, make("VERIFY", req=8, dataset="fs", snapshot="s1", image_blake3=digest))])
+    router.run_until(lambda: any(m.t == "VERIFIED" for m in router.restorer.got))
+    answers = [(m.t, m.get("req"), m.get("match"), m.get("code")) for m in router.restorer.got if m.t != "WELCOME"]
+    assert answers == [("ERROR", 8, None, "over_budget"), ("VERIFIED", 7, True, None)], answers
+
+    rot(router.chunks, router.manifests.load("office-1", "fs", "s1").chunks[5])
+    router.take("restorer", [Send(BROKER, make("VERIFY", req=9, dataset="fs", snapshot="s1", image_blake3=digest)),
+                             Send(BROKER, make("VERIFY", req=10, dataset="nope", snapshot="s1",
+                                               image_blake3=digest))])
+    router.run_until(lambda: sum(m.t in ("VERIFIED", "ERROR") for m in router.restorer.got) >= 4)
+    late = [(m.t, m.get("req"), m.get("match"), m.get("code")) for m in router.restorer.got[-2:]]
+    # the second is refused at once (one at a time), then the first finds the rot
+    assert late == [("ERROR", 10, None, "over_budget"), ("VERIFIED", 9, False, None)], late
+    assert set(router.node.verifier.damaged) == {("office-1", "fs", "s1")}
