@@ -114,6 +114,10 @@ class StorageConfig:
     fault_sync_log: str = _kind("path", "")  # a line per fsync, rename, link and mkdir made durable
     owner_log_handles: int = _kind("int", 256, min=1, max=65536)  # ownership logs open at once (LRU)
     gc_interval_ms: int = _kind("int", 3_600_000, min=10)  # garbage collection of unreferenced chunks
+    # background verification (roles/storenode/background.py): every committed snapshot re-read within the
+    # interval, at most verify_read_limit bytes/s (devices' VERIFY requests share the limit)
+    verify_interval_ms: int = _kind("int", 7 * 86400 * 1000, min=100)
+    verify_read_limit: int = _kind("size", 50_000_000, min=4096)
     metrics_listen: str = _kind("listen", "")  # host:port of /metrics; empty = off
     log_level: str = _kind("choice", "INFO", choices=LOG_LEVELS)
     log_json: bool = _kind("bool", False)
@@ -141,6 +145,9 @@ class AgentConfig:
     limit: object = _kind("limit", None, min=1)
     schedule: tuple = _kind("schedule", ())
     action_order: tuple = _kind("actions", ("resume", "incremental", "full", "verify"))
+    # the `verify` action: each dataset's newest committed snapshot checked by the cloud this often
+    # (roles/appliance/verifying.py); counted from the later of the last verify and the commit
+    verify_interval: float = _kind("duration", 7 * 86400.0, min=1)
     wire_window: int = _kind("size", 16 * 1024 * 1024, min=64 * 1024)
     yield_target_ms: int = _kind("int", 25, min=1)
     read_limit: int | None = _kind("rate", None, min=1)

@@ -154,6 +154,8 @@ class BrokerMetrics(Publisher):
         self.used = self.gauge("speedsync_node_used_bytes", "Used bytes on a storage node's filesystem "
                                "(last reported)", ["node"])
         self.node_up = self.gauge("speedsync_node_up", "1 while a storage node is alive, 0 once lost", ["node"])
+        self.node_damaged = self.gauge("speedsync_node_damaged_chunks", "Chunks a storage node's verification "
+                                       "found damaged, not yet healed (last reported)", ["node"])
         self.last_commit = self.gauge("speedsync_dataset_last_commit_timestamp_seconds",
                                       "Wall-clock time of the newest commit of each dataset (alert on "
                                       "time() - x > RPO)", ["device", "dataset"])
@@ -186,6 +188,7 @@ class BrokerMetrics(Publisher):
             self.free.labels(node_id).set(free)
             self.used.labels(node_id).set(used)
             self.node_up.labels(node_id).set(1 if alive else 0)
+            self.node_damaged.labels(node_id).set(core.storage_report(node_id)["damaged_chunks"])
         commits = core.last_commits
         for (device_id, dataset), at in commits.changed_since(self._commits_seen):
             self.last_commit.labels(device_id, dataset).set(at)
@@ -218,6 +221,14 @@ class StorageMetrics(Publisher):
                                      "deleted")
         self.gc_deleted = self.counter("speedsync_storage_gc_deleted_chunks", "Unreferenced chunk files "
                                        "garbage collection deleted")
+        self.damaged = self.gauge("speedsync_storage_damaged_chunks", "Chunks found damaged by verification "
+                                  "(quarantined, not yet healed by an upload of the same data)")
+        self.damaged_snapshots = self.gauge("speedsync_storage_damaged_snapshots", "Committed snapshots with "
+                                            "damaged chunks (status names them)")
+        self.verified = self.counter("speedsync_storage_verified_snapshots", "Snapshots re-verified (background "
+                                     "and devices' VERIFY)")
+        self.verify_read = self.counter("speedsync_storage_verify_read_bytes", "Chunk-file bytes read by "
+                                        "verification")
 
     def publish(self) -> None:
         stats = self.core.statistics()
@@ -235,6 +246,11 @@ class StorageMetrics(Publisher):
         self.copy(self.gc_runs, stats.gc_runs)
         self.copy(self.gc_freed, stats.gc_freed_bytes)
         self.copy(self.gc_deleted, stats.gc_deleted_chunks)
+        verifier = self.core.verifier
+        self.damaged.set(verifier.damaged_chunks)
+        self.damaged_snapshots.set(len(verifier.damaged))
+        self.copy(self.verified, verifier.verified_snapshots)
+        self.copy(self.verify_read, verifier.bytes_read)
 
 
 class AgentMetrics(Publisher):

@@ -9,6 +9,7 @@ threads and wiring. Every decision is StorageCore's (roles/storenode/core.py).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import zmq
 from loguru import logger
@@ -22,11 +23,13 @@ from roles.config import StorageConfig
 from roles.durable import PLAIN, remove_temp_files
 from roles import metrics
 from roles.process import StopFlag, client_security
+from roles.storenode.background import Verifier
 from roles.storenode.chunkstore import ChunkStore
 from roles.storenode.core import StorageCore
 from roles.storenode.faults import DiskFaults
 from roles.storenode.manifests import ManifestStore
 from roles.storenode.ownership import DeviceChunks
+from roles.storenode.verifyrun import load_state
 from schemas import decode, encode
 from schemas.limits import max_frame_for
 
@@ -54,13 +57,17 @@ class StorageProcess:
             write_hook=faults.before_log_write if faults.log_capacity is not None else None, io=io)
         self.clock = MonotonicClock()
         interval_s = config.heartbeat_interval_ms / 1000
+        verifier = Verifier(chunks, manifests, config.data_dir, read_limit=config.verify_read_limit,
+                            interval_s=config.verify_interval_ms / 1000, now=self.clock.now(),
+                            saved=load_state(Path(config.data_dir)))
         # before the loop runs: the first READY carries real figures, later ones the pool's
         self.core = StorageCore(config.node_id, config.window, chunks, manifests, owners,
                                 heartbeat_interval_s=interval_s, space=chunks.space(), now=self.clock.now(),
                                 chunks_on_disk=chunks.count(),
                                 read_hook=faults.before_read if config.fault_fail_at_read else None,
                                 gc_interval_s=config.gc_interval_ms / 1000,
-                                gc_slice_hook=faults.before_gc_slice if config.fault_gc_slice_ms else None)
+                                gc_slice_hook=faults.before_gc_slice if config.fault_gc_slice_ms else None,
+                                verifier=verifier)
         self.pools = {"store": TaskPool(config.store_threads, name="store"),
                       "image": TaskPool(1, name="image")}  # whole-image hashes, strictly in order
         self.ctx = zmq.Context()

@@ -39,6 +39,7 @@ CODECS = ("raw", "zstd")
 SMALL_HEADER = 4 * 1024
 QUERY_HEADER = 160 * 1024
 DOC_HEADER = 64 * 1024 * 1024
+VERIFY_REPORT_HEADER = 64 * 1024  # 32 damaged snapshots named, 8 chunk names each
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,17 @@ _DECLARED = [
        {**TRANSFER, "index": Int(max=MAX_CHUNKS), "hash": Bin(size=32, max_len=32, nullable=True),
         "raw_len": Int(max=MAX_CHUNK_SIZE), "codec": Str(choices=CODECS)},
        payload=(0, 1), via="broker"),
+    _t("VERIFY", "agent broker", "broker node", "re-read a committed snapshot and check it against the local image's "
+       "blake3 (agent: req; broker to node: verify_id and device_id); one at a time per device",
+       {"req": Int(required=False), "verify_id": Id(required=False), "device_id": Id(required=False),
+        "dataset": Id(), "snapshot": Id(), "image_blake3": HASH}),
+    _t("VERIFIED", "node broker", "broker agent", "a VERIFY's answer: every chunk re-hashed and the image blake3 "
+       "matched (match), or why not",
+       {"req": Int(required=False), "verify_id": Id(required=False), "dataset": Id(required=False),
+        "snapshot": Id(required=False), "match": Bool(), "reason": Str(max_len=256)}),
+    _t("VERIFY_REPORT", "node", "broker", "the node's background verification figures and damaged snapshots "
+       "(bounded), on change, at most once a heartbeat interval",
+       {"report": Doc()}, max_header=VERIFY_REPORT_HEADER),
     _t("ERROR", "agent broker node", "agent broker node operator", "a refusal with a stable code and a human reason",
        {"code": Str(max_len=32), "reason": Str(max_len=1024), "ref": Str(max_len=32, required=False),
         "transfer_id": Id(required=False), "req": Int(required=False), "hash": Bin(size=32, max_len=32, required=False)}),

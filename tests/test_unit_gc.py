@@ -88,7 +88,8 @@ class Upload:
 def route(node, uploads) -> None:
     by_tid = {u.tid: u for u in uploads}
     for msg in node.take_sent():
-        by_tid[msg["transfer_id"]].receive(msg)
+        if msg.get("transfer_id") is not None:  # not the node's own reports (VERIFY_REPORT)
+            by_tid[msg["transfer_id"]].receive(msg)
 
 
 def run_all(node, uploads) -> None:

@@ -266,7 +266,7 @@ def test_a_malformed_message_is_answered_with_its_code(tmp_path):
 # --- layering ---------------------------------------------------------------------------
 
 def test_the_core_reads_no_clock_and_imports_no_zmq():
-    for name in ("core", "commits", "uploads", "restores", "imagehash", "transitions", "gc"):
+    for name in ("core", "commits", "uploads", "restores", "imagehash", "transitions", "gc", "background"):
         source = (ROOT / "roles/storenode" / f"{name}.py").read_text()
         tree = ast.parse(source)
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)

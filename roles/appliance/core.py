@@ -44,6 +44,7 @@ from roles.appliance.replies import DISPATCH, BrokerReplies, answer_status
 from roles.appliance.resume import interrupted_uploads, unchanged_chunks
 from roles.appliance.scanner import scan
 from roles.appliance.upload import Upload
+from roles.appliance.verifying import AgentVerify
 from roles.appliance.wire import WireScheduler
 from schemas import error_message, make
 
@@ -67,7 +68,7 @@ class AgentStatistics:
     rate: int | None = None  # the bandwidth limit in force, bytes/s (None: unlimited)
 
 
-class AgentCore(BrokerReplies):
+class AgentCore(BrokerReplies, AgentVerify):
     def __init__(self, config, now: float, *, clock, wall_clock, once: bool = False):
         """`clock()` is the driver's monotonic clock (for Upload's own
         timestamps); `wall_clock()` the wall time (status dates commits)."""
@@ -105,6 +106,7 @@ class AgentCore(BrokerReplies):
         self.scanned_once = False
         self._outbox: list = []
         self._handlers = {t: getattr(self, name) for t, name in DISPATCH["broker"].items()}
+        self.init_verifying()
 
     def _take(self) -> list:
         out, self._outbox = self._outbox, []
@@ -135,6 +137,7 @@ class AgentCore(BrokerReplies):
     def on_broker_lost(self, now: float) -> None:
         # Not the snapshots' fault: park them; they are offered again once a
         # broker welcomes us, and only what the cloud lacks travels again.
+        self.verifies_lost()
         for upload in list(self.active.values()):
             upload.park("broker connection lost")
             self._finished(upload, now)
@@ -292,6 +295,7 @@ class AgentCore(BrokerReplies):
         if RESCAN in due:
             self.rescan(now)
         self.start_uploads(now)
+        self.start_verifies(now)
         self.apply_limit(now)
         wait = self.wire.pump(now, MAX_PIECE)
         self.wire_wait_until = now + wait if wait else 0.0

@@ -28,7 +28,8 @@ DISPATCH = {
     "broker": {"WELCOME": "on_WELCOME", "HEARTBEAT": "on_HEARTBEAT", "PONG": "on_PONG", "ERROR": "on_ERROR",
                "ROOM": "on_ROOM",
                "ACCEPT": "on_reply", "MISSING": "on_reply", "CREDIT": "on_reply", "STORED": "on_reply",
-               "COMMITTED": "on_reply", "IMAGE": "on_restore_reply", "BLOCK": "on_restore_reply"},
+               "COMMITTED": "on_reply", "IMAGE": "on_restore_reply", "BLOCK": "on_restore_reply",
+               "VERIFIED": "on_VERIFIED"},
     "status": {"STATUS": "answer_status"},
 }
 
@@ -74,6 +75,8 @@ class BrokerReplies:
             return
         if msg["code"] == "forbidden" and msg.get("ref") in REFUSING_REFS:
             self.on_refused(msg, now)
+            return
+        if self.verify_refused(msg):
             return
         self.on_reply(msg, now)
 

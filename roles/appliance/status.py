@@ -26,6 +26,7 @@ def agent_status(agent, now: float, wall_now: float) -> dict:
             "behind_bytes": sum(p.size for p in behind) - (upload.progress()[0] if upload else 0),
             "newest_committed": newest[0] if newest else None,
             "newest_committed_age_s": round(wall_now - newest[2], 1) if newest else None,
+            "last_verified": agent.last_verified(ds.name),  # {snapshot, at, match, reason} or None
         })
     transfers = []
     for u in agent.active.values():

@@ -41,6 +41,7 @@ from roles.controller.quota import DeviceQuotas
 from roles.controller.registry import Registry
 from roles.controller.restores import RestoreCredit
 from roles.controller.transfers import WATCHED_STATES, Transfer, count_in, finish
+from roles.controller.verifying import VerifySide
 from schemas import error_message, make
 
 REGISTER = {"agent": "HELLO", "node": "READY"}
@@ -49,10 +50,11 @@ DISPATCH = {
     "agent": {"HELLO": "on_hello", "HEARTBEAT": "agent_HEARTBEAT", "BYE": "agent_BYE", "PING": "agent_PING",
               "LIST": "agent_LIST", "OFFER": "agent_OFFER", "RESTORE": "agent_RESTORE", "QUERY": "agent_QUERY",
               "CHUNK": "agent_CHUNK", "COMMIT": "agent_COMMIT", "CREDIT": "agent_CREDIT", "ABORT": "agent_ABORT",
-              "ERROR": "agent_ERROR"},
+              "ERROR": "agent_ERROR", "VERIFY": "agent_VERIFY"},
     "node": {"READY": "on_ready", "HEARTBEAT": "node_HEARTBEAT", "BYE": "node_BYE", "OPENED": "node_OPENED",
              "MISSING": "node_MISSING", "STORED": "node_STORED", "COMMITTED": "node_COMMITTED",
-             "IMAGE": "node_IMAGE", "BLOCK": "node_BLOCK", "PRUNED": "node_PRUNED", "ERROR": "node_ERROR"},
+             "IMAGE": "node_IMAGE", "BLOCK": "node_BLOCK", "PRUNED": "node_PRUNED", "ERROR": "node_ERROR",
+             "VERIFIED": "node_VERIFIED", "VERIFY_REPORT": "node_VERIFY_REPORT"},
     "status": {"STATUS": "status_STATUS", "LIST": "status_LIST"},
 }
 
@@ -73,7 +75,7 @@ class ControllerStatistics:
     received_bytes: int = 0  # CHUNK payload bytes accepted from agents (as they travelled)
 
 
-class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment):
+class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifySide):
     def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict,
                  wall_clock=None, usage=None):
         """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex;
@@ -121,6 +123,7 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment):
         self.now = 0.0
         self.out: list = []
         self.init_enrolment()
+        self.init_verifying()
 
     # --- the core interface -------------------------------------------------------------
 
@@ -167,6 +170,8 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment):
             self.prune_applied(result, error)
         elif kind == "pruned":
             self.prunes_confirmed(key[1], error)
+        elif kind == "verify":
+            self.verify_found(key[1], result, error)
         return self.out
 
     def on_time(self, now: float) -> list:
@@ -314,6 +319,7 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment):
 
     def drop_agent(self, session, reason: str) -> None:
         self.registry.drop_agent(session.routing)
+        self.verifies_of_agent_gone(session.routing)
         for tid in list(session.transfers):
             t = self.transfers.get(tid)
             if t is not None:

@@ -149,6 +149,8 @@ class NodeSide:
 
     def node_ERROR(self, node, msg, frames) -> None:
         self.count_error(msg["code"])
+        if self.node_ERROR_verify(node, msg):
+            return
         tid = msg.get("transfer_id")
         t = self.transfers.get(tid) if tid else None
         if t is None or t.node_id != node.node_id:
@@ -179,4 +181,5 @@ class NodeSide:
             if t is not None:
                 self.interrupt(t, RequestError(f"node {node.node_id}: {reason}", "node_unavailable"))
         node.transfers.clear()
+        self.verifies_lost(node.node_id, reason)
         logger.warning("storage node {} lost: {}", node.node_id, reason)

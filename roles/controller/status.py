@@ -76,6 +76,7 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
             entry["window"] = restores.window(entry["transfer_id"])
     for entry in storage:
         entry["restore_in_flight_bytes"] = restores.node_in_flight.get(entry["node_id"], 0)
+        entry.update(controller.storage_report(entry["node_id"]))  # background verification (verifying.py)
     transfers += ended[:cap - len(transfers)]
     total_transfers = (len(controller.transfers) if device_id is None else len(live)) + len(ended)
     head = summary(controller, wall_now)

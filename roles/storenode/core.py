@@ -33,6 +33,7 @@ from bus.effects import Send, Submit
 from bus.errors import RequestError
 from bus.effects import LOST
 from roles.storenode.assembly import PieceAssembler
+from roles.storenode.background import Verifier
 from roles.storenode.commits import CommitPath, describe, storage_code
 from roles.storenode.gc import GarbageCollector
 from roles.storenode.gcpins import Pins
@@ -52,8 +53,9 @@ SESSION_IDLE_S = 600.0
 DEVICE_SESSIONS_MAX = 64
 # what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
-                                             "READ", "CREDIT", "PRUNE")}}
-STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap", "gc", "prune"})
+                                             "READ", "CREDIT", "PRUNE", "VERIFY")}}
+STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap", "gc", "prune", "verify",
+                         "verify-save"})
 IMAGE_KINDS = frozenset({"hash", "commit", "drop"})
 
 
@@ -85,7 +87,8 @@ def absent_chunks(chunks, names: tuple) -> frozenset:
 class StorageCore(CommitPath):
     def __init__(self, node_id: str, window: int, chunks, manifests, owners, *, heartbeat_interval_s: float,
                  space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S, chunks_on_disk: int = 0,
-                 read_hook=None, gc_interval_s: float | None = None, gc_slice_hook=None):
+                 read_hook=None, gc_interval_s: float | None = None, gc_slice_hook=None,
+                 verifier: Verifier | None = None):
         self.node_id = node_id
         self.window = window
         self.chunks = chunks
@@ -101,6 +104,9 @@ class StorageCore(CommitPath):
         self.hashes = ImageHashes(chunks, manifests)  # its methods run on the image thread only
         self.image_turns = ImageTurns(self.hashes)  # what the image thread runs next, device by device
         self.pump = RestorePump(chunks, read_hook)
+        # background verification and devices' VERIFY (background.py); without one, requests only
+        self.verifier = verifier or Verifier(chunks, manifests, chunks.root.parent, read_limit=50_000_000,
+                                             interval_s=None, now=now)
         self.deadlines = Deadlines()
         self.deadlines.schedule("space", now + heartbeat_interval_s)
         self.pins = Pins()
@@ -119,13 +125,15 @@ class StorageCore(CommitPath):
         self._completions = {"query": self._queried, "chunk": self._chunk_stored, "manifest": self._manifest_loaded,
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
                              "commit": self._committed, "hash": self._ignore, "drop": self._ignore,
-                             "reap": self._ignore, "gc": self._gc_done, "prune": self._pruned}
+                             "reap": self._ignore, "gc": self._gc_done, "prune": self._pruned,
+                             "verify": self._verify_slice_done, "verify-save": self._ignore}
 
     # --- the link ------------------------------------------------------------------
 
     def register_message(self, now: float):
         free, used = self.space
         logger.info("node {} registering", self.node_id)
+        self.verifier.changed = True  # a broker that (re)registers us is told the verification figures
         return make("READY", node_id=self.node_id, window=self.window, free_bytes=free, used_bytes=used,
                     software=SOFTWARE, **self._store_figures())
 
@@ -196,6 +204,7 @@ class StorageCore(CommitPath):
                     self._store(out, ("space",), self.chunks.space)
                     # the write-shaped copies of chunks already stored, in a batch on no STORED's path
                     self._store(out, ("reap",), self.chunks.reap)
+                self._report_verification(out)
             elif key == "unpin":
                 if self.pins.drain():
                     self.deadlines.schedule("unpin", now)  # the next batch after what else is due
@@ -211,10 +220,12 @@ class StorageCore(CommitPath):
                         self.pump.abort(key[1])
                     else:
                         self.deadlines.schedule(key, since + self._idle_s)
+        out.extend(self.verifier.on_time(now))
         return self._counted(out)
 
     def next_deadline(self) -> float | None:
-        return self.deadlines.next_due()
+        due = [d for d in (self.deadlines.next_due(), self.verifier.next_due()) if d is not None]
+        return min(due) if due else None
 
     def statistics(self) -> StorageStatistics:
         names, waiting = self.in_flight.statistics()
@@ -259,6 +270,7 @@ class StorageCore(CommitPath):
             for tid in list(self.uploads):
                 self._close_upload(tid, out)
             self.pump.clear()
+            self.verifier.forget_requests()
             out.append(Send(BROKER, self.register_message(now)))
 
     def on_OPEN(self, msg, now: float, out: list) -> None:
@@ -392,6 +404,7 @@ class StorageCore(CommitPath):
         if written:
             self.chunks_on_disk += 1
             self.stored_bytes += written
+            out.extend(self.verifier.chunk_written(name))
         if session is not None:
             was_awaited = name in session.awaiting
             session.stored(name, result)
@@ -415,6 +428,7 @@ class StorageCore(CommitPath):
 
     def on_READ(self, msg, now: float, out: list) -> None:
         tid = msg["transfer_id"]
+        self.verifier.refuse_read(msg["device_id"], msg["dataset"], msg["snapshot"])  # RequestError(damaged)
         self.pump.opening(tid, msg["window"])
         self._store(out, ("manifest", tid), self.manifests.load, msg["device_id"], msg["dataset"], msg["snapshot"])
 
@@ -465,3 +479,28 @@ class StorageCore(CommitPath):
 
     def _ignore(self, key, result, error, now: float, out: list) -> None:
         pass  # image-thread bookkeeping; a hash error is kept by the actor and raised at commit
+
+    # --- verification (background.py) ----------------------------------------------
+
+    def on_VERIFY(self, msg, now: float, out: list) -> None:
+        try:
+            for name in ("verify_id", "device_id"):
+                if msg.get(name) is None:
+                    raise RequestError(f"VERIFY to a node needs {name}", "bad_field")
+            self.verifier.request(msg["verify_id"], msg["device_id"], msg["dataset"], msg["snapshot"],
+                                  msg["image_blake3"])
+        except RequestError as exc:  # answered with the request's id, so the broker can tell its device
+            self._error(out, exc, "VERIFY", transfer_id=msg.get("verify_id"))
+
+    def _verify_slice_done(self, key, result, error, now: float, out: list) -> None:
+        effects, answers = self.verifier.completed(key, result, error, now)
+        out.extend(effects)
+        for request_id, match, reason in answers:
+            if request_id not in ("recheck", "forgotten"):
+                out.append(Send(BROKER, make("VERIFIED", verify_id=request_id, match=match, reason=reason)))
+
+    def _report_verification(self, out: list) -> None:
+        """On the space timer, when something changed: at most one report a heartbeat interval."""
+        if self.verifier.changed:
+            self.verifier.changed = False
+            out.append(Send(BROKER, make("VERIFY_REPORT", report=self.verifier.report())))
