@@ -24,8 +24,9 @@ debian-deps:
 	else echo "not installed: $$missing (the tests that need it will skip)"; fi
 
 # Two phases: the tests marked serial measure rates or latencies on this machine (the shaped link,
-# fairness, the STORED timing), so they run alone after the rest, which runs on TEST_WORKERS workers.
-TEST_WORKERS ?= 2
+# fairness, the STORED timing), so they run alone after the rest, which runs on TEST_WORKERS workers
+# (three on two cores: most of a test's time is spent waiting on its processes).
+TEST_WORKERS ?= 3
 test: $(STAMP) debian-deps
 	@rc=0; \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not serial" || rc=1; \
