@@ -125,7 +125,8 @@ def test_storage_killed_mid_transfer_restarts_and_the_transfer_completes_with_a_
                                  for t in uploads_of(cluster.status(), "office-1", "fileserver", "s1")), 20,
                      "the upload parked while its node is gone")
     cluster.restart("node-a")
-    assert not partial_files(store), "temporary files of the crash are still there after the restart"
+    # the crash's own files: the resumed upload may already be writing new ones
+    assert not [p for p in left_by_crash if p.exists()], "the crash's temporary files survived the restart"
 
     rc, doc, log = cluster.finish_agent("agent-office-1")
 
