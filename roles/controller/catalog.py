@@ -232,12 +232,15 @@ def prune_plan(db, policy, protected=frozenset()) -> list[tuple]:
     """(device, dataset, snapshot, node, taken_at) of every row the policy does not keep, by dataset,
     oldest first. One dataset's rows are in memory at a time."""
     plan = []
+    protected_by_dataset: dict[tuple, set] = {}
+    for device, dataset, snapshot in protected:
+        protected_by_dataset.setdefault((device, dataset), set()).add(snapshot)
     rows = db.execute("SELECT device_id, dataset, snapshot, node_id, taken_at FROM snapshots "
                       "ORDER BY device_id, dataset")
     for (device, dataset), group in groupby(rows, key=lambda r: (r[0], r[1])):
         by_name = {r[2]: r for r in group}
         names = to_prune([Snapshot(name, r[4]) for name, r in by_name.items()], policy.rules_for(device, dataset),
-                         {s for d, ds, s in protected if (d, ds) == (device, dataset)})
+                         protected_by_dataset.get((device, dataset), ()))
         plan.extend(by_name[name] for name in names)
     return plan
 

@@ -58,17 +58,16 @@ class PruneSide:
         if fresh:
             logger.info("retention pruned {} snapshot(s) from the catalog", len(fresh))
         state.pending = {key[:3]: key[3] for key in result}
-        for node_id in {key[3] for key in result}:
-            self.send_prunes(node_id)
+        for node_id, keys in state.by_node().items():
+            self.send_prunes(node_id, keys)
 
-    def send_prunes(self, node_id: str) -> None:
+    def send_prunes(self, node_id: str, keys=None) -> None:
         """PRUNE to the node for each of its pruned snapshots not yet confirmed (none if it is away)."""
         node = self.registry.nodes_by_id.get(node_id)
         if node is None:
             return
-        for (device, dataset, snapshot), owner in self.prune_state.pending.items():
-            if owner == node_id:
-                self.send(node, make("PRUNE", device_id=device, dataset=dataset, snapshot=snapshot))
+        for device, dataset, snapshot in keys if keys is not None else self.prune_state.by_node().get(node_id, ()):
+            self.send(node, make("PRUNE", device_id=device, dataset=dataset, snapshot=snapshot))
 
     def node_PRUNED(self, node, msg, frames) -> None:
         key = (msg["device_id"], msg["dataset"], msg["snapshot"])
@@ -97,9 +96,7 @@ class PruneSide:
 
     def prune_status(self) -> dict:
         state = self.prune_state
-        by_node = defaultdict(int)
-        for node_id in state.pending.values():
-            by_node[node_id] += 1
+        by_node = {node_id: len(keys) for node_id, keys in state.by_node().items()}
         return {"enabled": bool(self.config.retention), "interval_ms": self.config.prune_interval_ms,
                 "runs": state.runs, "last_run_at": state.last_run_at, "pruned_total": state.pruned_total,
                 "pending_manifests": dict(by_node), "last_error": state.last_error}
@@ -116,6 +113,13 @@ class PruneState:
         self.pending: dict[tuple, str] = {}  # (device, dataset, snapshot) -> node whose manifest is to go
         self.confirming: list = []  # PRUNED keys to record
         self.confirm_in_flight = False
+
+    def by_node(self) -> dict[str, list]:
+        """The pending manifests grouped by node: one pass over them, per run or registration."""
+        grouped = defaultdict(list)
+        for key, node_id in self.pending.items():
+            grouped[node_id].append(key)
+        return grouped
 
     def next_due(self, enabled: bool) -> float | None:
         return self.next_at if enabled and not self.running else None
