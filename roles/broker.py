@@ -74,7 +74,7 @@ class BrokerProcess:
         self.controller = Controller(config, self.store, index,
                                      identify=lambda frames: security.peer_identity(frames[0]),
                                      process_figures=self.figures, wall_clock=time.time,
-                                     usage=self.store.usage())
+                                     usage=self.store.usage(), drains=self.store.drains())
         if self.auth is not None:
             self.controller.keys_changed("admins", self.auth.keys.names("admins"), (), self.clock.now())
             self.rescan_at = self.clock.now() + config.keys_rescan_ms / 1000

@@ -33,13 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--once", action="store_true", help="replicate what is pending now, then exit")
     a.add_argument("--json", action="store_true", help="with --once or --status: print JSON")
     a.add_argument("--status", action="store_true", help="ask the running agent for its queues, transfers and limit")
-    for name in ("status", "list"):
-        s = sub.add_parser(name, help=f"ask the broker's status socket ({name})")
+    for name in ("status", "list", "drain", "undrain"):
+        what = {"drain": "move every dataset off a storage node (an admin key)",
+                "undrain": "let a drained or draining node take new datasets again (an admin key)"}
+        s = sub.add_parser(name, help=what.get(name, f"ask the broker's status socket ({name})"))
         s.add_argument("--broker", required=True, help="the broker's status endpoint, e.g. tcp://127.0.0.1:5552")
         s.add_argument("--json", action="store_true")
         s.add_argument("--timeout-ms", type=int, default=5000)
         s.add_argument("--key-file", help="the operator's key pair (NAME.key_secret), when the broker uses CURVE")
         s.add_argument("--broker-key", help="the broker's public key (broker.key), when the broker uses CURVE")
+        if name in ("drain", "undrain"):
+            s.add_argument("node", help="the storage node's node_id")
+            continue
         s.add_argument("--device", help="only this device's " + ("agents and transfers (the summary stays global)"
                                                                  if name == "status" else "snapshots"))
         if name == "list":
@@ -173,7 +178,7 @@ def _run(args) -> int:
             _print(doc, args.json, render.agent_view)
             return EXIT_OK
         return run_agent(conf, once=args.once, as_json=args.json, config_path=args.config)
-    if args.command in ("status", "list"):
+    if args.command in ("status", "list", "drain", "undrain"):
         from roles import statusclient
         keys = None
         if args.key_file or args.broker_key:
@@ -182,6 +187,10 @@ def _run(args) -> int:
                 return EXIT_USAGE
             keys = statusclient.OperatorKeys(args.key_file, args.broker_key)
         from roles import render
+        if args.command in ("drain", "undrain"):
+            doc = statusclient.drain(args.broker, args.node, args.command == "undrain", args.timeout_ms, keys)
+            _print(doc, args.json, render.drain_view)
+            return EXIT_OK
         if args.command == "status":
             def fetch():
                 return statusclient.fetch_status(args.broker, args.timeout_ms, keys, args.device)

@@ -96,6 +96,7 @@ def status_view(status: dict) -> View:
                      f"next try in {catalog['retry_in_s']:.1f}s)")
     if "summary" in status:
         lines.append(summary_line(status["summary"]))
+    lines.extend(drain_line(d) for d in b.get("drains", ()))
     return View(lines, [
         Section("storage nodes", ["node", "alive", "free", "used", "load", "credit out/window", "chunks",
                                   "gc runs/freed"],
@@ -114,6 +115,25 @@ def status_view(status: dict) -> View:
                   f"{format_bytes(t['bytes_done'])}/{format_bytes(t['bytes_total'])}", format_bytes(t["bytes_sent"])]
                  for t in status["transfers"]]),
     ])
+
+
+def drain_line(drain: dict) -> str:
+    """One drain as it stands: `speedsync drain` and the status header."""
+    if drain["state"] == "undrained":
+        return f"node {drain['node_id']}: undrained, it takes new datasets again (those moved stay moved)"
+    line = (f"node {drain['node_id']}: {drain['state'].upper()}, {drain['datasets_moved']} of "
+            f"{drain['datasets_total']} dataset(s) moved, {drain['snapshots_copied']} snapshot(s) copied "
+            f"({format_bytes(drain['bytes_copied'])} sent)")
+    current = drain.get("current")
+    if current:
+        line += f"; moving {current['device_id']}/{current['dataset']} to {current['target'] or '(choosing)'}"
+    if drain.get("waiting"):
+        line += f"; waiting: {drain['waiting']}"
+    return line
+
+
+def drain_view(drain: dict) -> View:
+    return View([drain_line(drain)], [])
 
 
 def render_status(status: dict) -> str:

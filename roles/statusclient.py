@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import zmq
 
 from bus import security
-from bus.errors import RemoteProtocolError, RequestError
+from bus.errors import CODES, RemoteProtocolError, RequestError
 from schemas import decode, encode, make
 from schemas.limits import max_frame_for
 from roles.config import AgentConfig
@@ -41,7 +41,7 @@ def ask(endpoint: str, message, timeout_ms: int = 5000, keys: OperatorKeys | Non
     finally:
         sock.close()
     if reply.t == "ERROR":
-        raise RequestError(reply["reason"], "internal")
+        raise RequestError(reply["reason"], reply["code"] if reply["code"] in CODES else "internal")
     return reply
 
 
@@ -50,6 +50,13 @@ def fetch_status(endpoint: str, timeout_ms: int = 5000, keys: OperatorKeys | Non
     """The broker's status document; `device_id` narrows agents and transfers to one device."""
     fields = {"device_id": device_id} if device_id else {}
     return ask(endpoint, make("STATUS", **fields), timeout_ms, keys)["status"]
+
+
+def drain(endpoint: str, node_id: str, undrain: bool = False, timeout_ms: int = 5000,
+          keys: OperatorKeys | None = None) -> dict:
+    """Start (or with `undrain`, end) the drain of a storage node: the broker's DRAIN_REPLY document."""
+    fields = {"undrain": True} if undrain else {}
+    return ask(endpoint, make("DRAIN", node_id=node_id, **fields), timeout_ms, keys)["drain"]
 
 
 def fetch_list(endpoint: str, device_id: str | None = None, timeout_ms: int = 5000,

@@ -204,7 +204,7 @@ def test_a_catalog_from_before_taken_at_takes_committed_at_and_prunes_then_conve
     store = CatalogStore(str(directory))  # a crash before the node answered: the entry is still there
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.prune(policy, frozenset()) == [("office-1", "fs", "s1", "node-a"), ("office-1", "fs", "s2", "node-a")]
-    store.pruned([("office-1", "fs", "s1"), ("office-1", "fs", "s2")])
+    store.pruned([("office-1", "fs", "s1", "node-a"), ("office-1", "fs", "s2", "node-a")])
     assert store.pruning() == [] and [r["snapshot"] for r in store.list()[0]] == ["s3"]
     assert store.prune(policy, frozenset()) == []  # converged: nothing more to do
     store.close()
@@ -222,6 +222,6 @@ def test_an_offer_of_a_snapshot_whose_removal_is_pending_is_refused_pruned_until
     with pytest.raises(RequestError) as info:  # its manifest is still on the node: a new upload would be lost
         store.check_offer("office-1", "fs", "s1", "node-a")
     assert info.value.code == "pruned"
-    store.pruned([("office-1", "fs", "s1")])
+    store.pruned([("office-1", "fs", "s1", "node-a")])
     assert store.check_offer("office-1", "fs", "s1", "node-a") is None  # removed: it may be uploaded anew
     store.close()

@@ -44,7 +44,13 @@ def test_final_states_accept_nothing():
 
 def test_every_live_state_can_be_aborted_by_its_agent():
     for (kind, state, _, _) in TRANSITIONS:
+        if kind == "copy":
+            continue  # a drain's copy has no agent: the broker ends it (drain.py copy_end)
         assert TRANSITIONS.get((kind, state, "agent", "ABORT")) == "aborted", (kind, state)
+
+
+def test_no_agent_event_moves_a_copy():
+    assert not [key for key in TRANSITIONS if key[0] == "copy" and key[2] == "agent"]
 
 
 def test_the_agent_upload_table_moves_or_refuses():

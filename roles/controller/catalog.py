@@ -41,7 +41,9 @@ from itertools import groupby
 from pathlib import Path
 
 from bus.errors import RequestError, SpeedSyncError
+from roles.controller.drainrecords import DrainRecords
 from roles.durabledb import open_durable
+from roles.counting import decrement
 from roles.retention import Snapshot, to_prune
 
 SCHEMA = """
@@ -78,12 +80,21 @@ MIGRATIONS = {
         "UPDATE snapshots SET taken_at = committed_at",
         "CREATE TABLE pruning (device_id TEXT NOT NULL, dataset TEXT NOT NULL, snapshot TEXT NOT NULL, "
         "node_id TEXT NOT NULL, pruned_at REAL NOT NULL, PRIMARY KEY (device_id, dataset, snapshot))"],
+    # drain: the nodes being drained (or drained); and a manifest to remove is one node's, so one snapshot may
+    # wait for removal from two nodes (a drained source, and later its new node when retention prunes it)
+    3: ["CREATE TABLE drains (node_id TEXT PRIMARY KEY, state TEXT NOT NULL, started_at REAL NOT NULL, "
+        "datasets_total INTEGER NOT NULL)",
+        "CREATE TABLE pruning_v3 (device_id TEXT NOT NULL, dataset TEXT NOT NULL, snapshot TEXT NOT NULL, "
+        "node_id TEXT NOT NULL, pruned_at REAL NOT NULL, PRIMARY KEY (device_id, dataset, snapshot, node_id))",
+        "INSERT INTO pruning_v3 SELECT device_id, dataset, snapshot, node_id, pruned_at FROM pruning",
+        "DROP TABLE pruning",
+        "ALTER TABLE pruning_v3 RENAME TO pruning"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 COLUMNS = "device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at, taken_at"
 
 
-class CatalogStore:
+class CatalogStore(DrainRecords):
     """The SQLite side. After construction, used from one thread only (the catalog pool's)."""
 
     def __init__(self, data_dir: str):
@@ -91,12 +102,14 @@ class CatalogStore:
         migrate(self.db, data_dir)
 
     def placements(self) -> list[tuple]:
-        """(device, dataset, node) of every dataset; a committed snapshot's node wins."""
+        """(device, dataset, node) of every dataset: where its next snapshots go. The placement row
+        wins (a drain moves it before the dataset's snapshots follow); a dataset without one (a catalog
+        from before placements were recorded) is where its committed snapshots are."""
         out = {}
-        for device, dataset, node in self.db.execute("SELECT device_id, dataset, node_id FROM placements"):
-            out[(device, dataset)] = node
         for device, dataset, node in self.db.execute(
                 "SELECT device_id, dataset, node_id FROM snapshots GROUP BY device_id, dataset"):
+            out[(device, dataset)] = node
+        for device, dataset, node in self.db.execute("SELECT device_id, dataset, node_id FROM placements"):
             out[(device, dataset)] = node
         return [(d, s, n) for (d, s), n in out.items()]
 
@@ -206,8 +219,10 @@ class CatalogStore:
                                     "ORDER BY device_id, dataset, snapshot"))
 
     def pruned(self, keys: list) -> None:
-        """The nodes removed these manifests: forget them (one transaction)."""
-        self.db.executemany("DELETE FROM pruning WHERE device_id=? AND dataset=? AND snapshot=?", keys)
+        """The nodes removed these manifests, each (device, dataset, snapshot, node): forget them (one
+        transaction)."""
+        self.db.executemany("DELETE FROM pruning WHERE device_id=? AND dataset=? AND snapshot=? AND node_id=?",
+                            keys)
 
     def usage(self) -> dict:
         """{device: stored bytes} of every device that stored anything (read once, at start)."""
@@ -295,6 +310,18 @@ class CatalogIndex:
             self.place(device, dataset, node)
         for device, dataset, committed_at in newest_commits:
             self.committed(device, dataset, committed_at)
+
+    def move(self, device_id: str, dataset: str, node_id: str) -> None:
+        """A drain moved the dataset: its next snapshots go to `node_id`."""
+        key = (device_id, dataset)
+        was = self._placement.get(key)
+        if was == node_id:
+            return
+        if was is not None:
+            decrement(self._datasets_per_node, was)
+        self._placement[key] = node_id
+        self._datasets_per_node[node_id] += 1
+        self.newest_commit.setdefault(key, None)
 
     def place(self, device_id: str, dataset: str, node_id: str) -> bool:
         """Record where a dataset lives (first placement wins); True if it was new."""

@@ -27,6 +27,7 @@ from bus.errors import RequestError
 from roles.controller import status as status_doc
 from roles.controller.budgets import DeviceBudgets
 from roles.controller.credit import CreditScheduler
+from roles.controller.drain import DrainSide
 from roles.controller.history import History
 from roles.controller.lastcommit import LastCommits
 from roles.controller.agentside import AgentSide
@@ -54,8 +55,9 @@ DISPATCH = {
     "node": {"READY": "on_ready", "HEARTBEAT": "node_HEARTBEAT", "BYE": "node_BYE", "OPENED": "node_OPENED",
              "MISSING": "node_MISSING", "STORED": "node_STORED", "COMMITTED": "node_COMMITTED",
              "IMAGE": "node_IMAGE", "BLOCK": "node_BLOCK", "PRUNED": "node_PRUNED", "ERROR": "node_ERROR",
-             "VERIFIED": "node_VERIFIED", "VERIFY_REPORT": "node_VERIFY_REPORT"},
-    "status": {"STATUS": "status_STATUS", "LIST": "status_LIST"},
+             "VERIFIED": "node_VERIFIED", "VERIFY_REPORT": "node_VERIFY_REPORT",
+             "QUERY": "node_QUERY", "CHUNK": "node_CHUNK", "COMMIT": "node_COMMIT"},  # a drain copy's sender
+    "status": {"STATUS": "status_STATUS", "LIST": "status_LIST", "DRAIN": "status_DRAIN"},
 }
 
 
@@ -75,11 +77,12 @@ class ControllerStatistics:
     received_bytes: int = 0  # CHUNK payload bytes accepted from agents (as they travelled)
 
 
-class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifySide):
+class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, DrainSide, Enrolment, VerifySide):
     def __init__(self, config, store, index, *, identify=lambda frames: None, process_figures=dict,
-                 wall_clock=None, usage=None):
+                 wall_clock=None, usage=None, drains=()):
         """`store`: the CatalogStore whose methods run on the catalog pool; `index`: its CatalogIndex;
-        `usage`: the bytes stored per device, as the catalog saved them (`store.usage()`, read at start).
+        `usage`: the bytes stored per device, as the catalog saved them (`store.usage()`, read at start);
+        `drains`: the nodes draining or drained (`store.drains()`, read at start).
         `identify(frames)`: the key name a connection authenticated with (None if insecure).
         `process_figures()`: the driver's own counters for status (rss_bytes, dropped_messages).
         `wall_clock()`: seconds since the epoch, read for status only (which datasets are behind
@@ -124,6 +127,7 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
         self.out: list = []
         self.init_enrolment()
         self.init_verifying()
+        self.init_drains(drains)
 
     # --- the core interface -------------------------------------------------------------
 
@@ -172,6 +176,14 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
             self.prunes_confirmed(key[1], error)
         elif kind == "verify":
             self.verify_found(key[1], result, error)
+        elif kind == "drain-start":
+            self.drain_started(key[1], key[2], result, error)
+        elif kind == "drain-end":
+            self.drain_ended(key[1], key[2], result, error)
+        elif kind == "drain-switch":
+            self.copy_switched(key[1], result, error)
+        elif kind.startswith("drain-"):
+            self.drain_answered(key, result, error)
         return self.out
 
     def on_time(self, now: float) -> list:
@@ -194,13 +206,14 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
         self.flush_records()
         self.save_usage()
         self.prune_due()
+        self.drains_due()
         return self.out
 
     def next_deadline(self) -> float | None:
         # rows to hand the catalog are due at the end of this turn, unless it is unavailable and backing off
         due = [d for d in (self.catalog_due(), self.registry.next_due(), self.stalls.next_due(),
                            self.restores.next_due(), self.history.next_expiry(), self.quotas.next_deadline(),
-                           self.prune_state.next_due(bool(self.config.retention)))
+                           self.prune_state.next_due(bool(self.config.retention)), self.drain_deadline())
                if d is not None]
         return min(due) if due else None
 
@@ -237,6 +250,15 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
         self.out.append(Forward(to.peer, list(frames), t))
 
     def to_agent(self, t: Transfer, message=None, frames=None, name: str = "") -> None:
+        """To the transfer's sender: its agent, or a copy's source node (drain.py)."""
+        if t.kind == "copy":
+            source = self.registry.nodes_by_id.get(t.source_node)
+            if source is not None:
+                if message is not None:
+                    self.send(source, message)
+                else:
+                    self.forward(source, frames, name)
+            return
         session = self.registry.agents.get(t.agent_routing)
         target = session if session is not None else ("agent", t.agent_routing)
         if message is not None:
@@ -327,8 +349,11 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
         logger.info("agent {} gone: {}", session.device_id, reason)
 
     def interrupt(self, t: Transfer, exc: RequestError) -> None:
-        """Tell the agent, and park an upload (or fail a restore)."""
+        """Tell the agent, and park an upload (or fail a restore; a copy is tried again: drain.py)."""
         self.count_error(exc.code)
+        if t.kind == "copy":
+            self.copy_end(t, "failed", f"{exc.code}: {exc.reason}")
+            return
         self.to_agent(t, error_message(exc, ref="OFFER" if t.kind == "upload" else "RESTORE",
                                        transfer_id=t.transfer_id, req=t.req))
         self.finish(t, "parked" if t.kind == "upload" else "failed", f"{exc.code}: {exc.reason}")
@@ -337,7 +362,7 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
         """The watchdog: an upload with no acknowledged progress is parked, and
         the agent offers it again (silent hangs are how replication dies)."""
         t = self.transfers.get(tid)
-        if t is None or t.kind != "upload":
+        if t is None or t.kind not in ("upload", "copy"):
             return
         if t.state not in WATCHED_STATES:
             if not t.finished:
@@ -357,9 +382,9 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
     # --- credit -----------------------------------------------------------------------------------------
 
     def grant_credit(self, node, t: Transfer) -> None:
-        if t.kind != "upload" or t.state != "active":
+        if t.kind not in ("upload", "copy") or t.state != "active":
             return
-        if self.quotas.over(t.device_id):  # its device passed its quota through another connection's upload
+        if t.kind == "upload" and self.quotas.over(t.device_id):  # passed its quota through another upload
             self.interrupt(t, self.quotas.exceeded(t.device_id))
             return
         granted = self.credit.grant(node.node_id, t.transfer_id, t.ledger, t.chunk_size)
@@ -371,9 +396,9 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, Enrolment, VerifyS
 
         def live(tid):
             t = self.transfers.get(tid)
-            if t is None or t.kind != "upload" or t.state != "active":
+            if t is None or t.kind not in ("upload", "copy") or t.state != "active":
                 return None
-            if self.quotas.over(t.device_id):
+            if t.kind == "upload" and self.quotas.over(t.device_id):
                 over.append(t)
                 return None
             return t

@@ -74,6 +74,9 @@ class NodeSide:
     def node_OPENED(self, node, msg, frames) -> None:
         t = self.placed(node, msg)
         t.last_progress = self.now
+        if t.kind == "copy":  # the source starts sending (drain.py)
+            self.to_agent(t, make("OPENED", transfer_id=t.transfer_id))
+            return
         self.to_agent(t, make("ACCEPT", req=t.req, transfer_id=t.transfer_id, node_id=t.node_id, committed=False))
 
     def node_MISSING(self, node, msg, frames) -> None:
@@ -97,8 +100,9 @@ class NodeSide:
         t.bytes_done += raw_len
         self.credit.release(node.node_id, wire_len, t.device_id)
         self.to_agent(t, frames=frames, name=msg.t)
-        # the device is charged the chunk's bytes as the broker forwarded them (and the node keeps them)
-        if self.quotas.stored(t.device_id, wire_len):
+        # the device is charged the chunk's bytes as the broker forwarded them (and the node keeps them);
+        # a drain's copy is the cloud's move, not the device's upload
+        if t.kind == "upload" and self.quotas.stored(t.device_id, wire_len):
             self.quota_reached(t)
         self.serve_waiting(node)  # those already waiting go first
         if not t.finished and not self.credit.is_waiting(node.node_id, t.transfer_id, t.device_id):
@@ -112,12 +116,19 @@ class NodeSide:
             raise exc
         t = self.placed(node, msg)
         t.last_progress = self.now
+        if t.kind == "copy":
+            self.copy_committed(t, msg)
+            return
         self.committed_frames[t.transfer_id] = list(frames)
         # group commit: rows that arrive together share one transaction (one fsync); see flush_records
         self.rows_waiting[t.transfer_id] = (t.device_id, t.dataset, t.snapshot, node.node_id, msg["image_size"],
                                             msg["chunk_count"], msg["image_blake3"], t.taken_at)
 
     def node_IMAGE(self, node, msg, frames) -> None:
+        copy = self.transfers.get(msg["transfer_id"])
+        if copy is not None and copy.kind == "copy":
+            self.copy_image(node, msg)  # a drain copy's source: what it will send (drain.py)
+            return
         t = self.placed(node, msg)
         try:  # the catalog's size, chunk count and blake3, never the node's word (restores.py)
             extra = self.restores.image(t.transfer_id, msg["image_size"], msg["chunk_size"], msg["chunk_count"],
@@ -153,6 +164,12 @@ class NodeSide:
             return
         tid = msg.get("transfer_id")
         t = self.transfers.get(tid) if tid else None
+        if t is not None and t.kind == "copy" and node.node_id in (t.node_id, t.source_node):
+            if node.node_id == t.node_id and msg.get("ref") == "CHUNK" and msg.get("hash") is not None:
+                wire_len, _ = t.ledger.done(msg["hash"])
+                self.credit.release(node.node_id, wire_len, t.device_id)
+            self.copy_end(t, "failed", f"{node.node_id}: {msg['code']}: {msg['reason']}")
+            return
         if t is None or t.node_id != node.node_id:
             logger.warning("node {} reports {}: {}", node.node_id, msg["code"], msg["reason"])
             return
@@ -181,5 +198,6 @@ class NodeSide:
             if t is not None:
                 self.interrupt(t, RequestError(f"node {node.node_id}: {reason}", "node_unavailable"))
         node.transfers.clear()
+        self.copies_of_node_lost(node.node_id, reason)
         self.verifies_lost(node.node_id, reason)
         logger.warning("storage node {} lost: {}", node.node_id, reason)

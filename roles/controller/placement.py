@@ -38,18 +38,21 @@ def capacity(node) -> int:
     return node.free_bytes + node.used_bytes
 
 
-def choose_node(placed_on: str | None, nodes_by_id: dict, datasets_on, image_size: int = 0) -> str:
-    """`placed_on`: node already holding the dataset, or None. Raises RequestError:
-    node_unavailable, no_storage, image_too_large (never fits) or no_space (not now)."""
+def choose_node(placed_on: str | None, nodes_by_id: dict, datasets_on, image_size: int = 0,
+                closed=frozenset()) -> str:
+    """`placed_on`: node already holding the dataset, or None; `closed`: nodes that take no new
+    dataset (draining). Raises RequestError: node_unavailable, no_storage, image_too_large (never
+    fits) or no_space (not now)."""
     if placed_on is not None:
         node = nodes_by_id.get(placed_on)
         if node is None:
             raise RequestError(f"node {placed_on} holding this dataset is not available", "node_unavailable")
         candidates = [node]
-    elif not nodes_by_id:
-        raise RequestError("no storage node is connected", "no_storage")
     else:
-        candidates = list(nodes_by_id.values())
+        candidates = [n for n in nodes_by_id.values() if n.node_id not in closed]
+        if not candidates:
+            why = "every storage node connected is draining" if nodes_by_id else "no storage node is connected"
+            raise RequestError(why, "no_storage")
     largest = max(capacity(n) for n in candidates)
     if image_size > largest:
         raise RequestError(f"image of {image_size} bytes exceeds the {largest} bytes of the largest node it may "
@@ -72,6 +75,7 @@ class Placement:
         self.index = index
         self._pending: dict[tuple, list] = {}  # (device, dataset) -> [node_id, uploads in progress]
         self._pending_per_node: Counter = Counter()  # pending datasets not yet in the index
+        self.closed: set = set()  # nodes that take no new dataset (draining or drained: drain.py)
 
     def node_for(self, device_id: str, dataset: str) -> str | None:
         placed = self.index.node_for(device_id, dataset)
@@ -81,7 +85,8 @@ class Placement:
         return pending[0] if pending else None
 
     def choose(self, device_id: str, dataset: str, nodes_by_id: dict, image_size: int = 0) -> str:
-        return choose_node(self.node_for(device_id, dataset), nodes_by_id, self.datasets_on, image_size)
+        return choose_node(self.node_for(device_id, dataset), nodes_by_id, self.datasets_on, image_size,
+                           self.closed)
 
     def hold(self, device_id: str, dataset: str, node_id: str) -> None:
         """An upload of the dataset is in progress on `node_id`."""

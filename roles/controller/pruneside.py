@@ -53,11 +53,11 @@ class PruneSide:
         state.last_error = None
         state.runs += 1
         state.last_run_at = self.wall_clock() if self.wall_clock is not None else None
-        fresh = [key for key in result if key[:3] not in state.pending]
+        fresh = [key for key in result if key not in state.pending]
         state.pruned_total += len(fresh)
         if fresh:
             logger.info("retention pruned {} snapshot(s) from the catalog", len(fresh))
-        state.pending = {key[:3]: key[3] for key in result}
+        state.pending = set(result)
         for node_id, keys in state.by_node().items():
             self.send_prunes(node_id, keys)
 
@@ -70,8 +70,8 @@ class PruneSide:
             self.send(node, make("PRUNE", device_id=device, dataset=dataset, snapshot=snapshot))
 
     def node_PRUNED(self, node, msg, frames) -> None:
-        key = (msg["device_id"], msg["dataset"], msg["snapshot"])
-        if self.prune_state.pending.get(key) != node.node_id:
+        key = (msg["device_id"], msg["dataset"], msg["snapshot"], node.node_id)
+        if key not in self.prune_state.pending:
             return  # not ours to confirm (answered twice, or another node's)
         self.prune_state.confirming.append(key)
         if not self.prune_state.confirm_in_flight:
@@ -88,8 +88,7 @@ class PruneSide:
         state = self.prune_state
         state.confirm_in_flight = False
         if error is None:
-            for key in keys:
-                state.pending.pop(key, None)
+            state.pending.difference_update(keys)
         else:  # still in `pruning`: the next run sends PRUNE again and the node answers again
             logger.error("recording {} removed manifest(s) failed: {}", len(keys), error)
         self.confirm_prunes()
@@ -110,15 +109,15 @@ class PruneState:
         self.last_run_at: float | None = None
         self.pruned_total = 0
         self.last_error: str | None = None
-        self.pending: dict[tuple, str] = {}  # (device, dataset, snapshot) -> node whose manifest is to go
+        self.pending: set = set()  # (device, dataset, snapshot, node): a manifest to remove from a node
         self.confirming: list = []  # PRUNED keys to record
         self.confirm_in_flight = False
 
     def by_node(self) -> dict[str, list]:
         """The pending manifests grouped by node: one pass over them, per run or registration."""
         grouped = defaultdict(list)
-        for key, node_id in self.pending.items():
-            grouped[node_id].append(key)
+        for key in self.pending:
+            grouped[key[3]].append(key[:3])
         return grouped
 
     def next_due(self, enabled: bool) -> float | None:

@@ -77,6 +77,7 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
     for entry in storage:
         entry["restore_in_flight_bytes"] = restores.node_in_flight.get(entry["node_id"], 0)
         entry.update(controller.storage_report(entry["node_id"]))  # background verification (verifying.py)
+        entry.update(controller.drain_status(entry["node_id"]))  # a drain of it, if any (drain.py)
     transfers += ended[:cap - len(transfers)]
     total_transfers = (len(controller.transfers) if device_id is None else len(live)) + len(ended)
     head = summary(controller, wall_now)
@@ -91,5 +92,6 @@ def document(controller, figures: dict, device_id: str | None = None, wall_now: 
                    "errors_by_code": dict(controller.errors_by_code), "active_transfers": len(controller.transfers),
                    "restore_in_flight_bytes": sum(restores.node_in_flight.values()),
                    "max_chunk_size": MAX_CHUNK_SIZE, "catalog": catalog(controller),
-                   "retention": controller.prune_status()},
+                   "retention": controller.prune_status(),
+                   "drains": [job.status() for job in controller.drains.values()]},
     }

@@ -11,6 +11,10 @@ Upload:  checking --catalog:checked--> opening --node:OPENED--> active
          active --agent:COMMIT--> committing --node:COMMITTED--> recording
          recording --catalog:recorded--> committed
 Restore: checking --catalog:found--> restoring --node:BLOCK(last)--> restored
+Copy (a drain's, drain.py; the source node is the sender, the node the target):
+         checking --source:IMAGE--> opening --node:OPENED--> active
+         active --source:COMMIT--> committing --node:COMMITTED--> recording
+         recording --catalog:recorded--> committed
 Any non-final state may end aborted, failed, parked or error.
 
 Counting: a transfer the controller holds carries `tally`, the controller's
@@ -29,7 +33,7 @@ from roles.counting import decrement
 from roles.controller.credit import UploadLedger
 from roles.geometry import ImageGeometry
 
-CATALOG, AGENT, NODE = "catalog", "agent", "node"
+CATALOG, AGENT, NODE, SOURCE = "catalog", "agent", "node", "source"
 
 # (kind, state, sender, event) -> next state
 TRANSITIONS = {
@@ -53,6 +57,16 @@ TRANSITIONS = {
     ("restore", "restoring", NODE, "BLOCK@last"): "restored",
     ("restore", "restoring", NODE, "IMAGE@empty"): "restored",
     ("restore", "restoring", NODE, "ERROR"): "restoring",
+    ("copy", "checking", SOURCE, "IMAGE"): "opening",
+    ("copy", "opening", NODE, "OPENED"): "active",
+    ("copy", "active", SOURCE, "QUERY"): "active",
+    ("copy", "active", SOURCE, "CHUNK"): "active",
+    ("copy", "active", SOURCE, "COMMIT"): "committing",
+    ("copy", "active", NODE, "MISSING"): "active",
+    ("copy", "active", NODE, "STORED"): "active",
+    ("copy", "committing", NODE, "STORED"): "committing",
+    ("copy", "committing", NODE, "COMMITTED"): "recording",
+    ("copy", "recording", CATALOG, "recorded"): "committed",
 }
 # ABORT from the agent is allowed in every state that is not final.
 LIVE_STATES = {"checking", "opening", "active", "committing", "recording", "restoring"}
@@ -69,7 +83,7 @@ WATCHED_STATES = {"opening", "active", "committing"}
 @dataclass
 class Transfer:
     transfer_id: str
-    kind: str  # "upload" | "restore"
+    kind: str  # "upload" | "restore" | "copy"
     device_id: str
     dataset: str
     snapshot: str
@@ -93,6 +107,8 @@ class Transfer:
     last_progress: float = 0.0
     finished_at: float | None = None
     refusal: RequestError | None = None  # placement's answer, kept while the catalog is asked
+    source_node: str = ""  # a copy's sender: the node being drained
+    image_blake3: bytes | None = None  # a copy's: the catalog's, which the target must match
     tally: Counter | None = field(default=None, repr=False, compare=False)  # live transfers by state
 
     @property
@@ -108,7 +124,8 @@ class Transfer:
         return self.state in FINAL_STATES
 
     def status(self) -> dict:
-        return {
+        extra = {"source_node_id": self.source_node} if self.kind == "copy" else {}
+        return {**extra,
             "transfer_id": self.transfer_id, "kind": self.kind, "device_id": self.device_id,
             "dataset": self.dataset, "snapshot": self.snapshot, "node_id": self.node_id, "state": self.state,
             "reason": self.reason, "bytes_total": self.image_size, "bytes_done": self.bytes_done,

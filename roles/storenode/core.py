@@ -35,6 +35,7 @@ from bus.effects import LOST
 from roles.storenode.assembly import PieceAssembler
 from roles.storenode.background import Verifier
 from roles.storenode.commits import CommitPath, describe, storage_code
+from roles.storenode.copyout import CopySender
 from roles.storenode.gc import GarbageCollector
 from roles.storenode.gcpins import Pins
 from roles.storenode.imagehash import ImageHashes
@@ -53,9 +54,10 @@ SESSION_IDLE_S = 600.0
 DEVICE_SESSIONS_MAX = 64
 # what the broker sends or passes on to a node -> handler; tests/test_unit_dispatch.py checks it against schemas
 DISPATCH = {"broker": {t: f"on_{t}" for t in ("HEARTBEAT", "ERROR", "OPEN", "QUERY", "CHUNK", "COMMIT", "ABORT",
-                                             "READ", "CREDIT", "PRUNE", "VERIFY")}}
+                                             "READ", "CREDIT", "PRUNE", "VERIFY", "COPY", "OPENED", "MISSING",
+                                             "STORED")}}
 STORE_KINDS = frozenset({"query", "chunk", "check", "manifest", "block", "space", "reap", "gc", "prune", "verify",
-                         "verify-save"})
+                         "verify-save", "copy-manifest", "copy-read"})
 IMAGE_KINDS = frozenset({"hash", "commit", "drop"})
 
 
@@ -104,6 +106,7 @@ class StorageCore(CommitPath):
         self.hashes = ImageHashes(chunks, manifests)  # its methods run on the image thread only
         self.image_turns = ImageTurns(self.hashes)  # what the image thread runs next, device by device
         self.pump = RestorePump(chunks, read_hook)
+        self.copies = CopySender(chunks, manifests, read_hook)  # a drain's copies from this node (copyout.py)
         # background verification and devices' VERIFY (background.py); without one, requests only
         self.verifier = verifier or Verifier(chunks, manifests, chunks.root.parent, read_limit=50_000_000,
                                              interval_s=None, now=now)
@@ -126,7 +129,8 @@ class StorageCore(CommitPath):
                              "block": self._block_read, "space": self._space_read, "check": self._commit_checked,
                              "commit": self._committed, "hash": self._ignore, "drop": self._ignore,
                              "reap": self._ignore, "gc": self._gc_done, "prune": self._pruned,
-                             "verify": self._verify_slice_done, "verify-save": self._ignore}
+                             "verify": self._verify_slice_done, "verify-save": self._ignore,
+                             "copy-manifest": self._copy_manifest_loaded, "copy-read": self._copy_chunk_read}
 
     # --- the link ------------------------------------------------------------------
 
@@ -153,7 +157,7 @@ class StorageCore(CommitPath):
 
     @property
     def load(self) -> int:
-        return len(self.uploads) + len(self.pump) + self.store_pending
+        return len(self.uploads) + len(self.pump) + len(self.copies) + self.store_pending
 
     # --- the Core protocol ---------------------------------------------------------
 
@@ -220,6 +224,13 @@ class StorageCore(CommitPath):
                         self.pump.abort(key[1])
                     else:
                         self.deadlines.schedule(key, since + self._idle_s)
+            elif key[0] == "copy-idle":
+                since = self.copies.idle_since(key[1])
+                if since is not None:
+                    if since + self._idle_s <= now:
+                        self.copies.abort(key[1])
+                    else:
+                        self.deadlines.schedule(key, since + self._idle_s)
         out.extend(self.verifier.on_time(now))
         return self._counted(out)
 
@@ -265,11 +276,14 @@ class StorageCore(CommitPath):
 
     def on_ERROR(self, msg, now: float, out: list) -> None:
         logger.warning("broker says {}: {}", msg["code"], msg["reason"])
+        if msg.get("transfer_id") and self.copies.abort(msg["transfer_id"]):
+            return  # a drain's copy from here failed; the broker tries it again
         if msg["code"] == "not_registered":
             # the broker restarted: the transfers it gave us are gone with it
             for tid in list(self.uploads):
                 self._close_upload(tid, out)
             self.pump.clear()
+            self.copies.clear()
             self.verifier.forget_requests()
             out.append(Send(BROKER, self.register_message(now)))
 
@@ -425,6 +439,7 @@ class StorageCore(CommitPath):
     def on_ABORT(self, msg, now: float, out: list) -> None:
         self._close_upload(msg["transfer_id"], out)
         self.pump.abort(msg["transfer_id"])
+        self.copies.abort(msg["transfer_id"])
 
     def on_READ(self, msg, now: float, out: list) -> None:
         tid = msg["transfer_id"]
@@ -446,7 +461,30 @@ class StorageCore(CommitPath):
         out.append(Send(BROKER, make("PRUNED", device_id=device, dataset=dataset, snapshot=snapshot)))
 
     def on_CREDIT(self, msg, now: float, out: list) -> None:
-        out.extend(self.pump.credit(msg["transfer_id"], msg["bytes"], now))
+        copied = self.copies.credit(msg["transfer_id"], msg["bytes"], now)
+        out.extend(copied if copied is not None else self.pump.credit(msg["transfer_id"], msg["bytes"], now))
+
+    # --- a drain's copies from this node (copyout.py) ----------------------------------
+
+    def on_COPY(self, msg, now: float, out: list) -> None:
+        self.verifier.refuse_read(msg["device_id"], msg["dataset"], msg["snapshot"])  # RequestError(damaged)
+        out.extend(self.copies.begin(msg, now))
+        self.deadlines.schedule(("copy-idle", msg["transfer_id"]), now + self._idle_s)
+
+    def on_OPENED(self, msg, now: float, out: list) -> None:
+        out.extend(self.copies.opened(msg["transfer_id"], now))
+
+    def on_MISSING(self, msg, now: float, out: list) -> None:
+        out.extend(self.copies.missing(msg, now))
+
+    def on_STORED(self, msg, now: float, out: list) -> None:
+        out.extend(self.copies.stored(msg["transfer_id"], now))
+
+    def _copy_manifest_loaded(self, key, result, error, now: float, out: list) -> None:
+        out.extend(self.copies.manifest_loaded(key[1], result, error, now))
+
+    def _copy_chunk_read(self, key, result, error, now: float, out: list) -> None:
+        out.extend(self.copies.chunk_read(key[1], key[2], result, error, now))
 
     # --- restores ------------------------------------------------------------------
 
