@@ -2,7 +2,8 @@
 
 Two devices' datasets live on node-a; node-b joins empty and node-a is drained with the real
 `speedsync drain` command while new snapshots upload. node-b writes slowly (`fault_write_rate`), so
-the drain lasts long enough for uploads, and a kill -9 of the broker, to land in the middle of it.
+the drain lasts long enough for uploads, and a kill -9 of the broker then of node-b, to land in the
+middle of it.
 What must hold: every dataset moves, the catalog names node-b for every snapshot, node-a ends with no
 manifest and (after its garbage collection) no chunk, and every snapshot restores identical.
 """
@@ -68,7 +69,7 @@ def start(cluster, images: dict) -> dict:
     upload_all(cluster, configs)
     configs = write_snapshots(cluster, images, 1)
     upload_all(cluster, configs)
-    cluster.start_storage("node-b", fault_write_rate=2 * MiB)
+    cluster.start_storage("node-b", fault_write_rate=MiB)
     return configs
 
 
@@ -124,7 +125,13 @@ def test_a_kill_9_of_the_broker_mid_drain_is_followed_by_a_drain_that_completes(
     cluster.kill9("broker")
     cluster.restart("broker")
     cluster.wait_for(lambda: cluster.try_status() is not None, 20, "the broker back")
+    # the restarted broker resumes from the catalog; then the new node is killed in the middle of a copy
+    cluster.wait_for(lambda: (drain_of(cluster) or {}).get("bytes_copied", 0) > 0, 60, "a copy under way again")
+    resumed = drain_of(cluster)
+    cluster.kill9("node-b")
+    cluster.restart("node-b")
     assert_drained(cluster, images, configs, tmp_path)
+    assert resumed["state"] == "draining", resumed
 
 
 def test_only_an_admin_key_drains_and_a_device_cannot(secure_cluster, zctx):

@@ -193,6 +193,12 @@ class DrainSide:
             return
         self.start_copy(job, source, *job.rows[0])
 
+    def drains_node_ready(self) -> None:
+        """A node (re)registered: a drain waiting for one, or retrying a copy it broke, goes on now."""
+        for job in self.drains.values():
+            if job.waiting is not None:
+                job.retry_at = self.now
+
     def drain_ask(self, job: DrainJob, key: tuple, fn, args: tuple) -> None:
         job.busy = True
         self.out.append(Submit("catalog", key, fn, args))

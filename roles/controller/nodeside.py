@@ -34,6 +34,7 @@ class NodeSide:
         logger.info("storage node {} ready (window {} bytes, {} free)", node.node_id, msg["window"],
                     msg["free_bytes"])
         self.send_prunes(node.node_id)  # manifests of snapshots pruned while it was away (pruneside.py)
+        self.drains_node_ready()
         self.room_appeared(node, joined=True)
 
     def node_HEARTBEAT(self, node, msg, frames) -> None:
