@@ -95,7 +95,8 @@ class BrokerConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     node_id: str = _kind("id", "node-a")
-    broker: str = _kind("endpoint", "tcp://127.0.0.1:5551")
+    # the backend of every broker of the controller: one link each, the window shared between them
+    broker: tuple = _kind("distinct_endpoints", ("tcp://127.0.0.1:5551",))
     data_dir: str = _kind("path", "./var/node-a")
     insecure: bool = _kind("bool", False)
     key_file: str = _kind("path", "")
@@ -233,12 +234,14 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             parsed = value
         elif kind == "endpoint":
             parsed = _endpoint(value)
-        elif kind == "endpoints":
+        elif kind in ("endpoints", "distinct_endpoints"):
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not value:
                 raise ValueError("expected a non-empty list of endpoints")
             parsed = tuple(_endpoint(v) for v in value)
+            if kind == "distinct_endpoints" and len(set(parsed)) != len(parsed):
+                raise ValueError("an endpoint is listed twice (each broker would grant the node's credit twice)")
         elif kind == "path":
             if not isinstance(value, str):
                 raise ValueError(f"expected a path, got {value!r}")

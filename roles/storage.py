@@ -1,4 +1,4 @@
-"""Storage worker process: one DEALER to the broker, one poll loop, a store pool.
+"""Storage worker process: one DEALER to each broker, one poll loop, a store pool.
 
 It verifies and stores chunks (durable before STORED), answers manifest
 slices with what the device lacks, commits verified manifests, and streams
@@ -61,7 +61,7 @@ class StorageProcess:
                             interval_s=config.verify_interval_ms / 1000, now=self.clock.now(),
                             saved=load_state(Path(config.data_dir)))
         # before the loop runs: the first READY carries real figures, later ones the pool's
-        self.core = StorageCore(config.node_id, config.window, chunks, manifests, owners,
+        self.core = StorageCore(config.node_id, config.window, chunks, manifests, owners, brokers=len(config.broker),
                                 heartbeat_interval_s=interval_s, space=chunks.space(), now=self.clock.now(),
                                 chunks_on_disk=chunks.count(),
                                 read_hook=faults.before_read if config.fault_fail_at_read else None,
@@ -71,9 +71,12 @@ class StorageProcess:
         self.pools = {"store": TaskPool(config.store_threads, name="store"),
                       "image": TaskPool(1, name="image")}  # whole-image hashes, strictly in order
         self.ctx = zmq.Context()
-        self.link = DealerLink(self.ctx, lambda: config.broker, encode, self.core.register_message,
-                               self.core.heartbeat_message, interval_s, config.heartbeat_liveness,
-                               max_frame=max_frame_for("node"), secure=client_security(config))
+        # one link per broker (roles/storenode/brokers.py), each on its own loop side
+        self.links = {side: DealerLink(self.ctx, lambda endpoint=endpoint: endpoint, encode,
+                                       self.core.register_message, self.core.heartbeat_message, interval_s,
+                                       config.heartbeat_liveness, max_frame=max_frame_for("node"),
+                                       secure=client_security(config))
+                      for side, endpoint in zip(self.core.routes.sides, config.broker)}
         self.loop = Loop(self.clock, encode)
         self.metrics = metrics.start(metrics.StorageMetrics, config.metrics_listen, self.core)
 
@@ -90,8 +93,9 @@ class StorageProcess:
     def run(self, stop: StopFlag) -> None:
         for name, pool in self.pools.items():
             self.loop.add_pool(name, pool, self.core.completed)
-        self.link.connect(self.clock.now())
-        self.loop.add_link("broker", self.link, self.on_frames, self.on_link)
+        for side, link in self.links.items():
+            link.connect(self.clock.now())
+            self.loop.add_link(side, link, self.on_frames, self.on_link)
         try:
             self.loop.run(stop, self.core, self.metrics.tick)
         finally:
@@ -100,7 +104,8 @@ class StorageProcess:
             self.faults.close()
             for pool in self.pools.values():
                 pool.close()
-            self.link.close(say_bye=False)
+            for link in self.links.values():
+                link.close(say_bye=False)
             self.loop.close()
             self.ctx.term()
 

@@ -34,6 +34,7 @@ from bus.errors import RequestError
 from bus.effects import LOST
 from roles.storenode.assembly import PieceAssembler
 from roles.storenode.background import Verifier
+from roles.storenode.brokers import BrokerRoutes, broker_sides
 from roles.storenode.commits import CommitPath, describe, storage_code
 from roles.storenode.copyout import CopySender
 from roles.storenode.gc import GarbageCollector
@@ -90,9 +91,12 @@ class StorageCore(CommitPath):
     def __init__(self, node_id: str, window: int, chunks, manifests, owners, *, heartbeat_interval_s: float,
                  space: tuple[int, int], now: float, idle_s: float = SESSION_IDLE_S, chunks_on_disk: int = 0,
                  read_hook=None, gc_interval_s: float | None = None, gc_slice_hook=None,
-                 verifier: Verifier | None = None):
+                 verifier: Verifier | None = None, brokers: int = 1):
+        """`brokers`: how many brokers the node is attached to (brokers.py: one link each, the window
+        shared between them)."""
         self.node_id = node_id
         self.window = window
+        self.routes = BrokerRoutes(broker_sides(brokers))
         self.chunks = chunks
         self.manifests = manifests
         self.owners = owners
@@ -138,7 +142,8 @@ class StorageCore(CommitPath):
         free, used = self.space
         logger.info("node {} registering", self.node_id)
         self.verifier.changed = True  # a broker that (re)registers us is told the verification figures
-        return make("READY", node_id=self.node_id, window=self.window, free_bytes=free, used_bytes=used,
+        return make("READY", node_id=self.node_id, window=self.routes.share(self.window), free_bytes=free,
+                    used_bytes=used,
                     software=SOFTWARE, **self._store_figures())
 
     def heartbeat_message(self, now: float):
@@ -163,6 +168,8 @@ class StorageCore(CommitPath):
 
     def received(self, peer, msg, frames, now: float) -> list:
         out: list = []
+        self.routes.heard(peer)
+        self.routes.opened(msg)
         handler = self._handlers.get(msg.t)
         if handler is None:
             self._error(out, RequestError(f"{msg.t} is not for a storage node", "unknown_type"), msg.t,
@@ -178,13 +185,14 @@ class StorageCore(CommitPath):
     def _counted(self, out: list) -> list:
         out.extend(self.image_turns.submits())
         self.store_pending += sum(1 for e in out if type(e) is Submit and e.pool == "store")
-        return out
+        return self.routes.route(out)
 
     def malformed(self, peer, exc, now: float) -> list:
         logger.warning("bad message from broker: {}", exc)
         out: list = []
+        self.routes.heard(peer)
         self._error(out, exc, None)
-        return out
+        return self.routes.route(out)
 
     def completed(self, key, result, error, now: float) -> list:
         kind = key[0]
@@ -208,6 +216,7 @@ class StorageCore(CommitPath):
                     self._store(out, ("space",), self.chunks.space)
                     # the write-shaped copies of chunks already stored, in a batch on no STORED's path
                     self._store(out, ("reap",), self.chunks.reap)
+                    self.routes.forget_except(set(self.uploads) | self.pump.transfer_ids() | set(self.copies.sessions))
                 self._report_verification(out)
             elif key == "unpin":
                 if self.pins.drain():
@@ -279,11 +288,17 @@ class StorageCore(CommitPath):
         if msg.get("transfer_id") and self.copies.abort(msg["transfer_id"]):
             return  # a drain's copy from here failed; the broker tries it again
         if msg["code"] == "not_registered":
-            # the broker restarted: the transfers it gave us are gone with it
+            # the broker restarted: the transfers it gave us are gone with it (another broker's stay)
+            gone = self.routes.current
             for tid in list(self.uploads):
-                self._close_upload(tid, out)
-            self.pump.clear()
-            self.copies.clear()
+                if self.routes.owner(tid) in (gone, None):
+                    self._close_upload(tid, out)
+            for tid in self.pump.transfer_ids():
+                if self.routes.owner(tid) in (gone, None):
+                    self.pump.abort(tid)
+            for tid in list(self.copies.sessions):
+                if self.routes.owner(tid) in (gone, None):
+                    self.copies.abort(tid)
             self.verifier.forget_requests()
             out.append(Send(BROKER, self.register_message(now)))
 

@@ -115,6 +115,9 @@ class RestorePump:
         if session is not None:
             advance(session, READ_TRANSITIONS, "ABORT")
 
+    def transfer_ids(self) -> set:
+        return set(self.sessions) | set(self._opening)
+
     def clear(self) -> None:
         for transfer_id in list(self.sessions):
             self.abort(transfer_id)
