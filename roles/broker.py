@@ -25,7 +25,7 @@ from bus.loop import Loop
 from bus.pipeline import TaskPool
 from bus.sockets import make_router
 from roles.config import BrokerConfig
-from roles.controller.catalog import CatalogIndex, CatalogStore
+from roles.controller.catalog import CatalogIndex, open_store
 from roles.controller.core import Controller
 from roles import metrics
 from roles.process import StopFlag, tune_malloc
@@ -48,7 +48,7 @@ def rss_bytes() -> int:
 class BrokerProcess:
     def __init__(self, config: BrokerConfig):
         self.config = config
-        self.store = CatalogStore(config.data_dir)
+        self.store = open_store(config.data_dir, config.catalog_url)
         self.catalog_pool = TaskPool(1, name="catalog")
         self.ctx = zmq.Context()
         self.auth = None

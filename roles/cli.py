@@ -116,11 +116,11 @@ def _scrub(conf, as_json: bool) -> int:
 def _prune_dry_run(conf, as_json: bool) -> int:
     from roles.controller.catalog import open_read_only, prune_plan
     from roles.retention import describe
-    db = open_read_only(conf.data_dir)
+    reader = open_read_only(conf.data_dir, conf.catalog_url)
     try:
-        plan = prune_plan(db, conf.retention) if conf.retention else []
+        plan = prune_plan(reader, conf.retention) if conf.retention else []
     finally:
-        db.close()
+        reader.close()
     rows = [{"device_id": d, "dataset": ds, "snapshot": s, "node_id": n, "taken_at": at} for d, ds, s, n, at in plan]
     if as_json:
         print(json.dumps({"retention": bool(conf.retention), "prune": rows}))

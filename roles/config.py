@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class BrokerConfig:
     backend_bind: str = _kind("endpoint", "tcp://*:5551")
     status_bind: str = _kind("endpoint", "tcp://*:5552")
     data_dir: str = _kind("path", "./var/broker")
+    # empty: the embedded SQLite catalog in data_dir; postgresql://user@host:port/db: a PostgreSQL catalog that
+    # brokers of one controller share (roles/controller/catalogpg.py)
+    catalog_url: str = _kind("catalog_url", "")
     insecure: bool = _kind("bool", False)
     key_file: str = _kind("path", "")
     authorized_keys: str = _kind("path", "")
@@ -218,6 +222,8 @@ def _parse_value(path: Path, key: str, meta: dict, value: Any, base_dir: Path):
             parsed = tuple(value)
         elif kind == "listen":
             parsed = parse_listen(value)[2] if value else ""
+        elif kind == "catalog_url":
+            parsed = parse_catalog_url(value)
         elif kind == "endpoint_or_empty":
             parsed = _endpoint(value) if value else ""
         elif kind == "fraction":
@@ -274,6 +280,26 @@ def parse_listen(value) -> tuple[str, int, str]:
             or not 0 < int(port) < 65536):
         raise ValueError(f"expected host:port like 127.0.0.1:9560, got {value!r}")
     return host, int(port), value
+
+
+def parse_catalog_url(value) -> str:
+    """"" or a postgresql:// (postgres://) URL naming a database; ValueError otherwise."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"\" or a postgresql://user@host:port/db URL, got {value!r}")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"expected \"\" (the embedded SQLite catalog) or a postgresql://user@host:port/db URL, "
+                         f"got {value!r}")
+    try:
+        parts.port  # a port that is not a number raises
+    except ValueError:
+        raise ValueError(f"{value!r}: the port is not a number") from None
+    query = urllib.parse.parse_qs(parts.query)
+    if not parts.path.strip("/") and "dbname" not in query:
+        raise ValueError(f"{value!r} names no database (postgresql://user@host:port/db)")
+    return value
 
 
 def _endpoint(value) -> str:

@@ -60,3 +60,27 @@ def cluster(request, tmp_path):
 def secure_cluster(request, tmp_path):
     """Like `cluster`, with CurveZMQ on every socket (keys from `keygen`, listed by `enroll`)."""
     yield from _cluster(request, tmp_path, secure=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server (tests/pgserver.py) for the session, removed at its end; missing binaries
+    skip the tests that use it, or fail them under CI=true (tests/needs.py)."""
+    from tests import pgserver
+    from tests.needs import unavailable
+    reason = pgserver.why_unavailable()
+    if reason:
+        unavailable("PostgreSQL", reason)
+    server = pgserver.PgServer()
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """The catalog_url of a new, empty database on the session's PostgreSQL server."""
+    if not pg_server._accepts():  # a test that stopped it and failed before restarting
+        pg_server.start()
+    return pg_server.create_database()

@@ -208,20 +208,3 @@ def test_a_catalog_from_before_taken_at_takes_committed_at_and_prunes_then_conve
     assert store.pruning() == [] and [r["snapshot"] for r in store.list()[0]] == ["s3"]
     assert store.prune(policy, frozenset()) == []  # converged: nothing more to do
     store.close()
-
-
-def test_an_offer_of_a_snapshot_whose_removal_is_pending_is_refused_pruned_until_the_node_confirms(tmp_path):
-    from bus.errors import RequestError
-    from roles.controller.catalog import CatalogStore
-    from roles.retention import parse_retention
-
-    store = CatalogStore(str(tmp_path))
-    store.record_many([("office-1", "fs", s, "node-a", 4096, 1, b"\x01" * 32, 1000.0 + i)
-                       for i, s in enumerate(("s1", "s2"))])
-    store.prune(parse_retention({"keep_last": 1}), frozenset())
-    with pytest.raises(RequestError) as info:  # its manifest is still on the node: a new upload would be lost
-        store.check_offer("office-1", "fs", "s1", "node-a")
-    assert info.value.code == "pruned"
-    store.pruned([("office-1", "fs", "s1", "node-a")])
-    assert store.check_offer("office-1", "fs", "s1", "node-a") is None  # removed: it may be uploaded anew
-    store.close()

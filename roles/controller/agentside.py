@@ -91,13 +91,16 @@ class AgentSide:
         self.out.append(Submit("catalog", ("offer", t.transfer_id), self.store.check_offer,
                                (device, dataset, snapshot, None if t.refusal else t.node_id)))
 
-    def offer_checked(self, tid: str, existing, error) -> None:
+    def offer_checked(self, tid: str, result, error) -> None:
         t = self.transfers.get(tid)
         if t is None or t.state != "checking":
             return  # aborted or offered again meanwhile
         if error is not None:
             self.catalog_failed(t, "OFFER", error)  # unavailable: parked with the reason
             return
+        existing, placed_on = result
+        if existing is None and t.refusal is None and placed_on not in (None, t.node_id):
+            self.follow_placement(t, placed_on)
         if existing is not None:  # snapshots are immutable once named (DESIGN.md)
             self.history.unpark(t.key, self.now)
             self.space_waits.leave(t.key)
@@ -107,7 +110,8 @@ class AgentSide:
             return
         node = self.registry.nodes_by_id.get(t.node_id) if t.refusal is None else None
         if node is None:
-            exc = t.refusal or RequestError(f"node {t.node_id} left while the offer was checked", "node_unavailable")
+            exc = t.refusal or RequestError(f"node {t.node_id} holding this dataset is not available",
+                                             "node_unavailable")
             self.finish(t, "aborted", "refused", record=False)
             self.park_offer(t, f"{exc.code}: {exc.reason}")
             self.wait_for_room(t, exc.code)
@@ -123,6 +127,21 @@ class AgentSide:
         self.send(node, make("OPEN", transfer_id=t.transfer_id, device_id=t.device_id, dataset=t.dataset,
                              snapshot=t.snapshot, image_size=t.image_size, chunk_size=t.chunk_size,
                              chunk_count=t.chunk_count))
+
+    def follow_placement(self, t: Transfer, placed_on: str) -> None:
+        """Another broker of the controller placed the dataset first (a shared catalog): the upload goes
+        where the catalog says, or, that node not attached here, is refused node_unavailable below."""
+        logger.info("{}/{} was placed on {} by another broker, not {}: following the catalog", t.device_id,
+                    t.dataset, placed_on, t.node_id)
+        chosen = self.registry.nodes_by_id.get(t.node_id)
+        if chosen is not None:
+            chosen.reserved_bytes = max(0, chosen.reserved_bytes - t.image_size)
+        self.placement.release(t.device_id, t.dataset)
+        t.node_id = placed_on
+        node = self.registry.nodes_by_id.get(placed_on)
+        if node is not None:
+            node.reserved_bytes += t.image_size
+        self.placement.hold(t.device_id, t.dataset, placed_on)  # finish releases it, whichever way this ends
 
     def park_offer(self, t: Transfer, reason: str) -> None:
         parked = Transfer(f"p-{uuid.uuid4().hex[:16]}", "upload", t.device_id, t.dataset, t.snapshot, t.node_id,

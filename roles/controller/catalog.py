@@ -35,13 +35,15 @@ cataloghealth.py) from a bug (the one request fails `internal`).
 from __future__ import annotations
 
 import sqlite3
+import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
 
 from bus.errors import RequestError, SpeedSyncError
-from roles.controller.drainrecords import DrainRecords
+from roles.controller.drainrecords import UPSERT_PRUNING, DrainRecords
 from roles.durabledb import open_durable
 from roles.counting import decrement
 from roles.retention import Snapshot, to_prune
@@ -94,79 +96,70 @@ SCHEMA_VERSION = max(MIGRATIONS)
 COLUMNS = "device_id, dataset, snapshot, node_id, size, chunk_count, blake3, committed_at, taken_at"
 
 
-class CatalogStore(DrainRecords):
-    """The SQLite side. After construction, used from one thread only (the catalog pool's)."""
-
-    def __init__(self, data_dir: str):
-        self.db = open_durable(data_dir, "catalog.sqlite3", SCHEMA, check_same_thread=False)
-        migrate(self.db, data_dir)
+class SqlCatalog(DrainRecords):
+    """The catalog's method contract, in SQL both engines run (placeholders `?`; upserts as
+    INSERT ... ON CONFLICT). An engine supplies `_execute`, `_executemany`, `_transaction`,
+    `_scan` and `_maintenance_lock` (CatalogStore here, PgCatalogStore in catalogpg.py)."""
 
     def placements(self) -> list[tuple]:
         """(device, dataset, node) of every dataset: where its next snapshots go. The placement row
         wins (a drain moves it before the dataset's snapshots follow); a dataset without one (a catalog
         from before placements were recorded) is where its committed snapshots are."""
         out = {}
-        for device, dataset, node in self.db.execute(
-                "SELECT device_id, dataset, node_id FROM snapshots GROUP BY device_id, dataset"):
+        for device, dataset, node in self._execute(
+                "SELECT device_id, dataset, MIN(node_id) FROM snapshots GROUP BY device_id, dataset"):
             out[(device, dataset)] = node
-        for device, dataset, node in self.db.execute("SELECT device_id, dataset, node_id FROM placements"):
+        for device, dataset, node in self._execute("SELECT device_id, dataset, node_id FROM placements"):
             out[(device, dataset)] = node
         return [(d, s, n) for (d, s), n in out.items()]
 
     def newest_commits(self) -> list[tuple]:
         """(device, dataset, newest committed_at) of every dataset that has a committed snapshot."""
-        return list(self.db.execute(
-            "SELECT device_id, dataset, MAX(committed_at) FROM snapshots GROUP BY device_id, dataset"))
+        return [tuple(r) for r in self._execute(
+            "SELECT device_id, dataset, MAX(committed_at) FROM snapshots GROUP BY device_id, dataset")]
 
-    def check_offer(self, device_id: str, dataset: str, snapshot: str, node_id: str | None) -> dict | None:
-        """The snapshot's row if it is committed; else record the dataset's
-        placement on `node_id` (durably, once) and return None."""
+    def check_offer(self, device_id: str, dataset: str, snapshot: str,
+                    node_id: str | None) -> tuple[dict | None, str | None]:
+        """(the snapshot's row if it is committed, else None; the node the dataset is placed on).
+        A dataset not yet placed is placed on `node_id` (durably, once): where brokers race, the first
+        placement wins (INSERT ... ON CONFLICT DO NOTHING) and every one of them reads back the winner."""
         existing = self.lookup(device_id, dataset, snapshot)
-        if existing is None and self.db.execute("SELECT 1 FROM pruning WHERE device_id=? AND dataset=? AND "
-                                                "snapshot=?", (device_id, dataset, snapshot)).fetchone():
+        if existing is not None:
+            return existing, existing["node_id"]
+        if self._execute("SELECT 1 FROM pruning WHERE device_id=? AND dataset=? AND snapshot=?",
+                         (device_id, dataset, snapshot)).fetchone():
             # its manifest is still to be removed from the node: a new upload of it now would commit a
             # manifest that the pending PRUNE then deletes
             raise RequestError(f"{dataset}/{snapshot} was pruned and its removal is not finished; offer it again "
                                "later", "pruned")
-        if existing is None and node_id is not None:
-            self.db.execute("INSERT OR IGNORE INTO placements VALUES (?, ?, ?)", (device_id, dataset, node_id))
-        return existing
+        if node_id is None:
+            return None, None
+        self._execute("INSERT INTO placements VALUES (?, ?, ?) ON CONFLICT (device_id, dataset) DO NOTHING",
+                      (device_id, dataset, node_id))
+        won = self._execute("SELECT node_id FROM placements WHERE device_id=? AND dataset=?",
+                            (device_id, dataset)).fetchone()
+        return None, (won[0] if won else node_id)
 
     def lookup(self, device_id: str, dataset: str, snapshot: str) -> dict | None:
-        row = self.db.execute(f"SELECT {COLUMNS} FROM snapshots WHERE device_id=? AND dataset=? AND snapshot=?",
-                              (device_id, dataset, snapshot)).fetchone()
+        row = self._execute(f"SELECT {COLUMNS} FROM snapshots WHERE device_id=? AND dataset=? AND snapshot=?",
+                            (device_id, dataset, snapshot)).fetchone()
         return _row(row) if row else None
 
     def record_many(self, rows: list) -> float:
         """Group commit: every row (device, dataset, snapshot, node, size, chunk_count, blake3[, taken_at])
         in one transaction, so one fsync covers them all. Returns their `committed_at` (wall-clock
-        seconds), which is also the taken_at of a row without one."""
+        seconds), which is also the taken_at of a row without one. Recording a row again replaces it."""
         committed_at = time.time()
-        self._end_stray_transaction()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.executemany(f"INSERT OR REPLACE INTO snapshots ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                [(*row[:7], committed_at, row[7] if len(row) > 7 and row[7] is not None
-                                  else committed_at) for row in rows])
-            self.db.execute("COMMIT")
-        except BaseException:
-            self._end_stray_transaction()
-            raise
+        with self._transaction():
+            self._executemany(UPSERT_SNAPSHOT, [(*row[:7], committed_at, row[7] if len(row) > 7 and row[7]
+                                                 is not None else committed_at) for row in rows])
         return committed_at
 
     def probe(self) -> None:
-        """One small durable write: whether the catalog can record again (its disk has room)."""
-        self._end_stray_transaction()
-        self.db.execute("INSERT OR REPLACE INTO probe VALUES (1, ?)", (time.time(),))
-
-    def _end_stray_transaction(self) -> None:
-        """Roll back what a failed commit left open (SQLite does not always), so the next
-        BEGIN is not refused for ever; a rollback that fails too leaves it to the next call."""
-        if self.db.in_transaction:
-            try:
-                self.db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        """One small durable write: whether the catalog can record again (its disk has room, its server answers)."""
+        with self._transaction():
+            self._execute("INSERT INTO probe VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET "
+                          "written_at=excluded.written_at", (time.time(),))
 
     def list(self, device_id: str | None = None, dataset: str | None = None, after: tuple | None = None,
              limit: int = 1000) -> tuple[list[dict], tuple | None]:
@@ -186,83 +179,130 @@ class CatalogStore(DrainRecords):
         if where:
             query += " WHERE " + " AND ".join(where)
         query += " ORDER BY device_id, dataset, snapshot LIMIT ?"
-        rows = [_row(r) for r in self.db.execute(query, (*args, limit + 1))]
+        rows = [_row(r) for r in self._execute(query, (*args, limit + 1))]
         if len(rows) <= limit:
             return rows, None
         last = rows[limit - 1]
         return rows[:limit], (last["device_id"], last["dataset"], last["snapshot"])
 
-    def prune(self, policy, protected: frozenset) -> list[tuple]:
+    def prune(self, policy, protected: frozenset) -> list[tuple] | None:
         """Apply the retention policy (roles/retention.py) to every dataset: the rows it does not keep
         leave `snapshots` and enter `pruning`, in one transaction. Returns every (device, dataset,
-        snapshot, node) whose manifest is still to be removed, these and any left from before."""
+        snapshot, node) whose manifest is still to be removed, these and any left from before; or None
+        when another broker of the controller holds this run (the maintenance lock): it is skipped."""
         if policy:
-            doomed = [row[:4] for row in prune_plan(self.db, policy, protected)]
-            if doomed:
-                now = time.time()
-                self._end_stray_transaction()
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    self.db.executemany("DELETE FROM snapshots WHERE device_id=? AND dataset=? AND snapshot=?",
-                                        [d[:3] for d in doomed])
-                    self.db.executemany("INSERT OR REPLACE INTO pruning VALUES (?, ?, ?, ?, ?)",
-                                        [(*d, now) for d in doomed])
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self._end_stray_transaction()
-                    raise
+            with self._transaction():
+                if not self._maintenance_lock():
+                    return None
+                doomed = [row[:4] for row in plan_rows(self._scan(PLAN_QUERY), policy, protected)]
+                if doomed:
+                    now = time.time()
+                    self._executemany("DELETE FROM snapshots WHERE device_id=? AND dataset=? AND snapshot=?",
+                                      [d[:3] for d in doomed])
+                    self._executemany(UPSERT_PRUNING, [(*d, now) for d in doomed])
         return self.pruning()
 
     def pruning(self) -> list[tuple]:
         """(device, dataset, snapshot, node) of every pruned snapshot whose node has not confirmed it."""
-        return list(self.db.execute("SELECT device_id, dataset, snapshot, node_id FROM pruning "
-                                    "ORDER BY device_id, dataset, snapshot"))
+        return [tuple(r) for r in self._execute("SELECT device_id, dataset, snapshot, node_id FROM pruning "
+                                                "ORDER BY device_id, dataset, snapshot, node_id")]
 
     def pruned(self, keys: list) -> None:
         """The nodes removed these manifests, each (device, dataset, snapshot, node): forget them (one
         transaction)."""
-        self.db.executemany("DELETE FROM pruning WHERE device_id=? AND dataset=? AND snapshot=? AND node_id=?",
-                            keys)
+        with self._transaction():
+            self._executemany("DELETE FROM pruning WHERE device_id=? AND dataset=? AND snapshot=? AND node_id=?",
+                              keys)
 
     def usage(self) -> dict:
         """{device: stored bytes} of every device that stored anything (read once, at start)."""
-        return dict(self.db.execute("SELECT device_id, stored_bytes FROM device_usage"))
+        return {d: n for d, n in self._execute("SELECT device_id, stored_bytes FROM device_usage")}
 
     def save_usage(self, usage: dict) -> None:
         """Absolute values, in one transaction (one fsync), so saving the same twice is harmless."""
+        with self._transaction():
+            self._executemany("INSERT INTO device_usage VALUES (?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                              "stored_bytes=excluded.stored_bytes", list(usage.items()))
+
+
+UPSERT_SNAPSHOT = (f"INSERT INTO snapshots ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                   "ON CONFLICT (device_id, dataset, snapshot) DO UPDATE SET node_id=excluded.node_id, "
+                   "size=excluded.size, chunk_count=excluded.chunk_count, blake3=excluded.blake3, "
+                   "committed_at=excluded.committed_at, taken_at=excluded.taken_at")
+PLAN_QUERY = ("SELECT device_id, dataset, snapshot, node_id, taken_at FROM snapshots "
+              "ORDER BY device_id, dataset, snapshot")
+
+
+class CatalogStore(SqlCatalog):
+    """The SQLite engine (`catalog_url: ""`): `catalog.sqlite3` in the broker's data_dir, WAL, every
+    commit fsync'd. After construction, used from one thread only (the catalog pool's)."""
+
+    def __init__(self, data_dir: str):
+        self.db = open_durable(data_dir, "catalog.sqlite3", SCHEMA, check_same_thread=False)
+        migrate(self.db, data_dir)
+
+    def _execute(self, sql: str, args=()):
+        return self.db.execute(sql, args)
+
+    def _executemany(self, sql: str, rows) -> None:
+        self.db.executemany(sql, rows)
+
+    def _scan(self, sql: str):
+        return self.db.execute(sql)
+
+    def _maintenance_lock(self) -> bool:
+        return True  # one broker per SQLite catalog
+
+    @contextmanager
+    def _transaction(self):
+        self._end_stray_transaction()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany("INSERT OR REPLACE INTO device_usage VALUES (?, ?)", usage.items())
+            yield
             self.db.execute("COMMIT")
         except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            self._end_stray_transaction()
             raise
+
+    def _end_stray_transaction(self) -> None:
+        """Roll back what a failed commit left open (SQLite does not always), so the next
+        BEGIN is not refused for ever; a rollback that fails too leaves it to the next call."""
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def close(self) -> None:
         self.db.close()
 
 
-def prune_plan(db, policy, protected=frozenset()) -> list[tuple]:
-    """(device, dataset, snapshot, node, taken_at) of every row the policy does not keep, by dataset,
-    oldest first. One dataset's rows are in memory at a time."""
+def plan_rows(rows, policy, protected=frozenset()) -> list[tuple]:
+    """(device, dataset, snapshot, node, taken_at) of every row of `rows` (PLAN_QUERY's, in its order)
+    the policy does not keep, by dataset, oldest first. One dataset's rows are in memory at a time."""
     plan = []
     protected_by_dataset: dict[tuple, set] = {}
     for device, dataset, snapshot in protected:
         protected_by_dataset.setdefault((device, dataset), set()).add(snapshot)
-    rows = db.execute("SELECT device_id, dataset, snapshot, node_id, taken_at FROM snapshots "
-                      "ORDER BY device_id, dataset")
     for (device, dataset), group in groupby(rows, key=lambda r: (r[0], r[1])):
-        by_name = {r[2]: r for r in group}
+        by_name = {r[2]: tuple(r) for r in group}
         names = to_prune([Snapshot(name, r[4]) for name, r in by_name.items()], policy.rules_for(device, dataset),
                          protected_by_dataset.get((device, dataset), ()))
         plan.extend(by_name[name] for name in names)
     return plan
 
 
-def open_read_only(data_dir: str):
-    """The catalog for reading beside a running broker (`speedsync prune --dry-run`); it must exist and be
-    of this broker's schema (the broker migrates it at start)."""
+def prune_plan(reader, policy, protected=frozenset()) -> list[tuple]:
+    """What `prune` would remove now, from a catalog opened by `open_read_only`."""
+    return plan_rows(reader.scan(PLAN_QUERY), policy, protected)
+
+
+def open_read_only(data_dir: str, catalog_url: str = ""):
+    """The catalog for reading beside a running broker (`speedsync prune --dry-run`): an object with
+    `scan(sql)` and `close()`. It must exist and be of this broker's schema (the broker migrates it at start)."""
+    if catalog_url:
+        from roles.controller.catalogpg import open_read_only_pg
+        return open_read_only_pg(catalog_url)
     path = Path(data_dir) / "catalog.sqlite3"
     if not path.exists():
         raise CatalogVersionError(f"no catalog at {path}")
@@ -272,7 +312,26 @@ def open_read_only(data_dir: str):
         db.close()
         raise CatalogVersionError(f"the catalog in {data_dir} has schema version {version}, this broker "
                                   f"{SCHEMA_VERSION}: start the broker once to migrate it")
-    return db
+    return SqliteReader(db)
+
+
+class SqliteReader:
+    def __init__(self, db):
+        self.db = db
+
+    def scan(self, sql: str):
+        return self.db.execute(sql)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_store(data_dir: str, catalog_url: str = "") -> SqlCatalog:
+    """The broker's catalog: SQLite in `data_dir`, or the PostgreSQL database `catalog_url` names."""
+    if catalog_url:
+        from roles.controller.catalogpg import PgCatalogStore
+        return PgCatalogStore(catalog_url)
+    return CatalogStore(data_dir)
 
 
 class CatalogVersionError(SpeedSyncError):
@@ -354,10 +413,16 @@ class CatalogIndex:
 
 def unavailable_reason(error: BaseException) -> str | None:
     """The reason, if `error` says the catalog cannot serve now (its disk is full or failing, its file
-    cannot be opened or is damaged) rather than that a request was wrong; else None."""
+    cannot be opened or is damaged, its PostgreSQL server is unreachable, restarting or out of room)
+    rather than that a request was wrong; else None."""
     if isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError:
         name = getattr(error, "sqlite_errorname", None)
         return f"{name}: {error}" if name else str(error)
+    psycopg = sys.modules.get("psycopg")  # imported only by a PostgreSQL catalog
+    if psycopg is not None and isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+        state = getattr(error, "sqlstate", None)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"postgresql {state or type(error).__name__}: {first}"
     return None
 
 

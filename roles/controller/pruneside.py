@@ -50,6 +50,9 @@ class PruneSide:
             logger.error("retention run failed (tried again in {:g}s): {}", self.config.prune_interval_ms / 1000,
                          reason)
             return
+        if result is None:  # another broker of the controller holds this run (catalog maintenance lock)
+            state.skipped += 1
+            return
         state.last_error = None
         state.runs += 1
         state.last_run_at = self.wall_clock() if self.wall_clock is not None else None
@@ -98,7 +101,8 @@ class PruneSide:
         by_node = {node_id: len(keys) for node_id, keys in state.by_node().items()}
         return {"enabled": bool(self.config.retention), "interval_ms": self.config.prune_interval_ms,
                 "runs": state.runs, "last_run_at": state.last_run_at, "pruned_total": state.pruned_total,
-                "pending_manifests": dict(by_node), "last_error": state.last_error}
+                "pending_manifests": dict(by_node), "last_error": state.last_error,
+                "runs_skipped": state.skipped}
 
 
 class PruneState:
@@ -106,6 +110,7 @@ class PruneState:
         self.next_at = 0.0  # the first run is due at start
         self.running = False
         self.runs = 0
+        self.skipped = 0  # runs another broker of the controller held (a shared catalog's maintenance lock)
         self.last_run_at: float | None = None
         self.pruned_total = 0
         self.last_error: str | None = None
