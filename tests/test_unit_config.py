@@ -55,9 +55,22 @@ def test_shipped_config_without_its_keys_names_the_missing_key(name, tmp_path):
     ("retention: {keep_daily: -1}\n", "retention"),
     ("retention: {overrides: [{dataset: '../x', keep_last: 1}]}\n", "retention"),
     ("prune_interval_ms: 0\n", "prune_interval_ms"),
+    ("catalog_url: mysql://u@h/db\n", "catalog_url"),
+    ("catalog_url: /var/lib/catalog.sqlite3\n", "catalog_url"),
+    ("catalog_url: postgresql://u@h:port/db\n", "catalog_url"),
+    ("catalog_url: postgresql://u@h:5432\n", "catalog_url"),
+    ("catalog_url: 5\n", "catalog_url"),
 ])
 def test_bad_broker_keys_are_refused_naming_key_and_file(tmp_path, text, key):
     assert_refused(tmp_path / "broker.yaml", cfg.BrokerConfig, text, key)
+
+
+@pytest.mark.parametrize("url", ["", "postgresql://speedsync@db.example:5432/catalog",
+                                 "postgres://u@/catalog?host=/run/postgresql", "postgresql:///x?dbname=c"])
+def test_catalog_url_is_empty_or_a_postgresql_url(tmp_path, url):
+    path = tmp_path / "broker.yaml"
+    path.write_text(f"insecure: true\ncatalog_url: '{url}'\n")
+    assert cfg.load(cfg.BrokerConfig, path).catalog_url == url
 
 
 def assert_refused(path, kind, text: str, key: str) -> None:
