@@ -232,3 +232,55 @@ def test_the_schema_version_is_kept_and_a_newer_catalog_is_refused(pg_url):
         PgCatalogStore(pg_url)
     with pytest.raises(CatalogVersionError, match="start the broker once"):
         open_read_only("", pg_url)
+
+
+# --- the controller uses what the catalog decided ------------------------------------------------
+
+class Broker:
+    """A controller on `store` with node-a and node-b attached, `favourite` the one with more room (its
+    choice for a new dataset)."""
+    NODES = {"node-a": ("node", b"n-a"), "node-b": ("node", b"n-b")}
+    AGENT = ("agent", b"a-1")
+
+    def __init__(self, store, favourite: str, data_dir: str):
+        from bus.clock import FakeClock
+        from roles.config import BrokerConfig
+        from roles.controller.catalog import CatalogIndex
+        from roles.controller.core import Controller
+        self.clock, self.store = FakeClock(), store
+        self.controller = Controller(BrokerConfig(insecure=True, data_dir=data_dir), store, CatalogIndex())
+        for node_id, peer in self.NODES.items():
+            free = 4 << 40 if node_id == favourite else 1 << 40
+            self.feed(peer, "READY", node_id=node_id, window=1 << 30, free_bytes=free, used_bytes=0)
+        self.feed(self.AGENT, "HELLO", device_id="office-1")
+
+    def feed(self, peer, t: str, **fields) -> list:
+        from schemas import decode, encode, make
+        frames = encode(make(t, **fields))
+        return self.controller.received(peer, decode(frames), frames, self.clock.now())
+
+    def offer(self):
+        from bus.effects import Submit
+        out = self.feed(self.AGENT, "OFFER", req=1, dataset="fs", snapshot="s1", image_size=1 << 20,
+                        chunk_size=1 << 20, chunk_count=1)
+        (check,) = [e for e in out if isinstance(e, Submit)]
+        return check
+
+    def checked(self, check) -> str:
+        """The node the broker opens the upload on, once the catalog answered `check`."""
+        from bus.effects import Send
+        out = self.controller.completed(check.key, check.fn(*check.args), None, self.clock.now())
+        (opened,) = [e for e in out if isinstance(e, Send) and e.message.t == "OPEN"]
+        return {peer: node for node, peer in self.NODES.items()}[opened.to]
+
+
+def test_brokers_offering_a_new_dataset_at_once_open_it_on_the_node_that_won_the_placement(opener, tmp_path):
+    first, second = (Broker(opener(), favourite, str(tmp_path / favourite)) for favourite in ("node-a", "node-b"))
+    checks = [first.offer(), second.offer()]  # both before either reached the catalog
+    assert [c.args[3] for c in checks] == ["node-a", "node-b"]  # each chose its own
+    assert first.checked(checks[0]) == "node-a"
+    assert second.checked(checks[1]) == "node-a"  # the catalog's winner, not its choice
+    nodes = second.controller.registry.nodes_by_id
+    assert nodes["node-a"].reserved_bytes == 1 << 20 and nodes["node-b"].reserved_bytes == 0
+    assert second.controller.placement.node_for("office-1", "fs") == "node-a"
+    assert second.controller.placement.datasets_on("node-b") == 0
