@@ -46,7 +46,7 @@ CODES = {
                 "reserve); parked, and offered again when room appears",
     "quota_exceeded": "the device's stored bytes would exceed its quota",
     "damaged": "the snapshot has chunks found damaged on its node (quarantined); a new upload of the same data heals it",
-    "catalog_unavailable": "the broker's catalog cannot serve now (its disk is full or failing); offer or ask again later",
+    "catalog_unavailable": "the broker's catalog cannot serve now (its disk is full or failing, its PostgreSQL server unreachable); offer or ask again later",
 }
 
 

@@ -4,7 +4,8 @@ Uploads commit, `list` shows them, a restore is identical. Then the server is st
 20 s (pg_ctl stop -m fast: every session ended, connections refused): no process dies, an offer
 made meanwhile parks `catalog_unavailable` with the server's error as its reason, status keeps
 answering and shows broker.catalog unavailable. Once the server is started again the broker
-reconnects by itself, the parked snapshot commits, and every listed snapshot restores identical.
+reconnects by itself, the parked snapshot commits, and every listed snapshot restores identical;
+`speedsync prune --dry-run` reads the same catalog.
 Without PostgreSQL (tests/pgserver.py) the test skips, or fails under CI=true.
 """
 
@@ -20,7 +21,8 @@ OUTAGE_S = 20
 
 def test_a_postgresql_catalog_outage_parks_offers_and_everything_commits_once_it_is_back(
         pg_server, pg_url, cluster, tmp_path):
-    cluster.start_broker(catalog_url=pg_url)
+    # retention runs at start (nothing to prune yet), then not again within the test
+    cluster.start_broker(catalog_url=pg_url, retention={"keep_last": 1}, prune_interval_ms=3600000)
     cluster.start_storage("node-a")
     directory = cluster.dataset_dir("office-1", "fs")
     images = {"s1": generate_image(str(directory / "s1.img"), 2 * MiB, seed=140)}
@@ -67,3 +69,7 @@ def test_a_postgresql_catalog_outage_parks_offers_and_everything_commits_once_it
     assert listed == [("fs", "s1"), ("fs", "s2")]
     for _, snapshot in listed:  # the catalog and the node agree
         assert_restores(cluster, cfg, "fs", snapshot, images[snapshot], tmp_path)
+    dry = cluster.run("prune", "--config", cluster.root / "configs" / "broker.yaml", "--dry-run", "--json")
+    assert dry.rc == 0, str(dry)
+    assert [r["snapshot"] for r in dry.json["prune"]] == ["s1"]  # read from PostgreSQL, nothing removed
+    assert len(cluster.catalog()) == 2

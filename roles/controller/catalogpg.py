@@ -31,6 +31,7 @@ import functools
 
 import psycopg
 
+from bus.errors import SpeedSyncError
 from roles.controller.catalog import CatalogVersionError, SqlCatalog
 
 # version -> what brings a catalog to it from the version before (append only: never edit a released one).
@@ -84,9 +85,14 @@ class PgCatalogStore(SqlCatalog):
     def __init__(self, url: str):
         self.url = url
         self.conn: psycopg.Connection | None = None
-        self._connect()
         try:
+            self._connect()
             migrate(self.conn, url)
+        except psycopg.OperationalError as exc:  # at start: the broker exits 1 saying why (systemd restarts it)
+            if self.conn is not None:
+                self._drop()
+            raise SpeedSyncError(f"cannot reach the catalog at {_safe(url)}: {_first_line(exc)}",
+                                 "catalog_unavailable") from None
         except BaseException:
             self._drop()
             raise
@@ -179,7 +185,8 @@ def open_read_only_pg(url: str) -> PgReader:
     try:
         conn = psycopg.connect(url, **{**CONNECT, "autocommit": False})
     except psycopg.OperationalError as exc:
-        raise CatalogVersionError(f"cannot reach the catalog at {_safe(url)}: {exc}") from None
+        raise SpeedSyncError(f"cannot reach the catalog at {_safe(url)}: {_first_line(exc)}",
+                             "catalog_unavailable") from None
     conn.read_only = True
     try:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
@@ -191,6 +198,11 @@ def open_read_only_pg(url: str) -> PgReader:
         raise CatalogVersionError(f"the catalog at {_safe(url)} has schema version {row and row[0]}, this broker "
                                   f"{SCHEMA_VERSION}: start the broker once to migrate it")
     return PgReader(conn)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _safe(url: str) -> str:
