@@ -58,7 +58,7 @@ class AgentSide:
 
     def agent_OFFER(self, session, msg, frames) -> None:
         self.require_own(session, msg)
-        self.require_catalog_writable()  # before anything is made: its commit could not be recorded
+        self.require_catalog_writable(session, msg)  # before anything is made: its commit could not be recorded
         if ImageGeometry(msg["image_size"], msg["chunk_size"]).chunk_count != msg["chunk_count"]:
             raise RequestError("chunk_count does not match image_size and chunk_size", "bad_field")
         device, dataset, snapshot = session.device_id, msg["dataset"], msg["snapshot"]

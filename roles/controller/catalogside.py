@@ -14,6 +14,8 @@ A mixin of `Controller` (core.py); it uses the controller's sending and lifecycl
 
 from __future__ import annotations
 
+import uuid
+
 from loguru import logger
 
 from bus.effects import Submit
@@ -26,11 +28,20 @@ from schemas import error_message, make
 class CatalogSide:
     # --- refusing while the catalog cannot serve ---------------------------------------------------
 
-    def require_catalog_writable(self) -> None:
+    def require_catalog_writable(self, session=None, msg=None) -> None:
+        """Refuse an OFFER while the catalog cannot record; given the offer, it is parked with the
+        reason (status lists it; bounded per device by device_parked_max)."""
         health = self.catalog_health
         if not health.available:
-            raise RequestError(f"the catalog cannot record snapshots now ({health.reason}); offer again later",
+            exc = RequestError(f"the catalog cannot record snapshots now ({health.reason}); offer again later",
                                "catalog_unavailable")
+            if session is not None:
+                device, dataset = session.device_id, msg["dataset"]
+                parked = Transfer(f"p-{uuid.uuid4().hex[:16]}", "upload", device, dataset, msg["snapshot"],
+                                  self.placement.node_for(device, dataset) or "", session.routing, msg["req"],
+                                  image_size=msg["image_size"], started_at=self.now)
+                self.history.park(parked, f"{exc.code}: {exc.reason}", self.now)
+            raise exc
 
     def catalog_refusal(self, error: BaseException, what: str) -> RequestError:
         """The answer to a catalog call that failed; a catalog that cannot serve is marked so."""
