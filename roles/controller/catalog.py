@@ -1,4 +1,9 @@
-"""The cloud catalog: committed snapshots, kept durably by the broker (SQLite).
+"""The cloud catalog: committed snapshots, kept durably by the broker.
+
+`SqlCatalog` is the method contract, in SQL both engines run; `CatalogStore`
+is the embedded SQLite engine (`catalog_url: ""`, the default), and
+catalogpg.py's `PgCatalogStore` the PostgreSQL one that brokers of one
+controller share (`open_store` picks by catalog_url).
 
 Two halves, so that no SQLite commit (synchronous=FULL: an fsync each) runs
 on the broker's loop:
