@@ -2,6 +2,7 @@
 
     python bench/lifecycle.py [--days 30] [--every-min 5] [--datasets 3] [--chunks 256]
                               [--change 0.02] [--gc-chunks 100000] [--json]
+                              [--verify-cost [--verify-upload-mib 512] [--verify-stored-mib 512] [--verify-rounds 3]]
 
 1. A month, simulated on the broker's real retention rules (roles/retention.py, as the broker applies
    them every prune_interval_ms): one device, `--datasets` datasets, a snapshot of each every
@@ -14,6 +15,12 @@
    keeping every snapshot would store.
 2. GC time and peak memory per 100,000 chunks: the node's real collector on a synthetic store
    (bench/gc.py's run, the same figures it prints).
+3. With `--verify-cost`, background verification: its throughput in-process (`python -m bench.verify`
+   prints it against read-only and read+decode+blake3 baselines), and how much it slows uploads beside
+   it, with real processes (bench/verify.py's upload_cost: the same upload of fresh data through a real
+   broker, node and agent on loopback, timed with the node's verification idle and running continuously
+   at its default verify_read_limit over what is stored, interleaved base, verify, base, verify...; the
+   ratio of the medians and the verification rate achieved meanwhile). About a minute per round.
 
 The policy is the example of DESIGN.md: keep_last 3, hourly 24, daily 14, weekly 8, monthly 12, and
 `sql*` datasets keep_last 288.
@@ -38,6 +45,7 @@ if REPO not in sys.path:  # run as a script
     sys.path.insert(0, REPO)
 
 from bench.gc import build, run_gc  # noqa: E402
+from bench.verify import print_cost, print_throughput, throughput, upload_cost  # noqa: E402
 from roles.retention import Snapshot, parse_retention, to_prune  # noqa: E402
 
 MiB = 1 << 20
@@ -126,6 +134,10 @@ def main() -> int:
     p.add_argument("--change", type=float, default=0.02, help="fraction of chunks each snapshot rewrites")
     p.add_argument("--gc-chunks", type=int, default=100_000)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verify-cost", action="store_true", help="uploads timed beside background verification")
+    p.add_argument("--verify-upload-mib", type=int, default=512)
+    p.add_argument("--verify-stored-mib", type=int, default=512)
+    p.add_argument("--verify-rounds", type=int, default=3)
     args = p.parse_args()
     from loguru import logger
     logger.remove()  # the collector's INFO lines would interleave with the table
@@ -133,8 +145,14 @@ def main() -> int:
     month = simulate(args.days, args.every_min, args.datasets, args.chunks, args.change)
     simulated_s = time.monotonic() - started
     gc = gc_per_100k(args.gc_chunks) if args.gc_chunks else None
+    cost = speed = None
+    if args.verify_cost:
+        speed = throughput(args.verify_stored_mib)
+        cost = upload_cost(args.verify_upload_mib, args.verify_stored_mib, args.verify_rounds,
+                           log=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({"month": month, "gc": gc, "simulation_seconds": simulated_s}))
+        print(json.dumps({"month": month, "gc": gc, "simulation_seconds": simulated_s, "verify_throughput": speed,
+                          "verify_cost": cost}))
         return 0
     print(f"{args.datasets} datasets, a snapshot each every {args.every_min} min, {args.chunks} MiB images, "
           f"{args.change:.0%} rewritten per snapshot; policy {json.dumps(POLICY)}")
@@ -151,6 +169,9 @@ def main() -> int:
               f"loop {gc['loop_s_per_100k'] * 1000:.0f} ms per 100,000; peak heap "
               f"{gc['peak_bytes_per_100k'] / 1e6:.1f} MB per 100,000 ({gc['peak_bytes_per_live_chunk']:.0f} B per "
               "referenced chunk)")
+    if cost:
+        print_throughput(speed)
+        print_cost(cost)
     return 0
 
 
