@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from roles.localprocs import free_ports, wait_for
+from tests.harness import tail
 
 SUPERUSER = "speedsync"
 
@@ -128,8 +129,4 @@ class PgServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no postgres log)"
-        return "----- postgres.log -----\n" + "\n".join(text[-lines:])
+        return "----- postgres.log -----\n" + tail(self.log_path, lines)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.harness import tail
+
 from roles.localprocs import free_ports, wait_for
 
 BINARY = os.environ.get("SPEEDSYNC_PROMETHEUS", "/usr/bin/prometheus")
@@ -93,11 +95,7 @@ class PrometheusServer:
         return result[0][1] if result else None
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no prometheus log)"
-        return "----- prometheus.log -----\n" + "\n".join(text[-lines:])
+        return "----- prometheus.log -----\n" + tail(self.log_path, lines)
 
     def stop(self, timeout_s: float = 10) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -232,20 +232,10 @@ class AgentSide:
 
     def agent_CHUNK(self, session, msg, frames) -> None:
         t = self.owned(session, msg)
-        node = self.node_of(t)
-        wire_len = len(msg.payload[0])
-        t.ledger.spend(msg["hash"], wire_len, msg["raw_len"], msg.get("offset"), msg.get("total"))
-        t.bytes_sent += wire_len
-        self.received_bytes += wire_len
-        self.forward(node, frames, msg.t)
+        self.received_bytes += self.pass_chunk(t, msg, frames)
 
     def agent_COMMIT(self, session, msg, frames) -> None:
-        t = self.owned(session, msg)
-        node = self.node_of(t)
-        t.last_progress = self.now
-        self.credit.release(node.node_id, t.ledger.release_holding(), t.device_id)
-        self.serve_waiting(node)
-        self.forward(node, frames, msg.t)
+        self.pass_commit(self.owned(session, msg), frames)
 
     def agent_CREDIT(self, session, msg, frames) -> None:
         if msg["transfer_id"] not in self.transfers and self.history.ended_restore(msg["transfer_id"],

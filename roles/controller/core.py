@@ -379,6 +379,25 @@ class Controller(AgentSide, NodeSide, CatalogSide, PruneSide, DrainSide, Enrolme
         else:
             self.stalls.schedule(tid, t.last_progress + self.stall_s)
 
+    # --- a sender's chunks and commit, to the node (an agent's upload, or a drain's copy) ---------------
+
+    def pass_chunk(self, t: Transfer, msg, frames) -> int:
+        """Spend the sender's credit on a CHUNK and forward it; returns its payload bytes."""
+        node = self.node_of(t)
+        wire_len = len(msg.payload[0])
+        t.ledger.spend(msg["hash"], wire_len, msg["raw_len"], msg.get("offset"), msg.get("total"))
+        t.bytes_sent += wire_len
+        self.forward(node, frames, msg.t)
+        return wire_len
+
+    def pass_commit(self, t: Transfer, frames) -> None:
+        """COMMIT: the credit the sender still holds returns to the node's pool, then it goes on."""
+        node = self.node_of(t)
+        t.last_progress = self.now
+        self.credit.release(node.node_id, t.ledger.release_holding(), t.device_id)
+        self.serve_waiting(node)
+        self.forward(node, frames, "COMMIT")
+
     # --- credit -----------------------------------------------------------------------------------------
 
     def grant_credit(self, node, t: Transfer) -> None:

@@ -306,22 +306,13 @@ class DrainSide:
 
     def node_CHUNK(self, node, msg, frames) -> None:
         t = self.copy_from(node, msg)
-        target = self.node_of(t)
-        wire_len = len(msg.payload[0])
-        t.ledger.spend(msg["hash"], wire_len, msg["raw_len"], msg.get("offset"), msg.get("total"))
-        t.bytes_sent += wire_len
+        wire_len = self.pass_chunk(t, msg, frames)
         job = self.drains.get(t.source_node)
         if job is not None:
             job.bytes_copied += wire_len
-        self.forward(target, frames, msg.t)
 
     def node_COMMIT(self, node, msg, frames) -> None:
-        t = self.copy_from(node, msg)
-        target = self.node_of(t)
-        t.last_progress = self.now
-        self.credit.release(target.node_id, t.ledger.release_holding(), t.device_id)
-        self.serve_waiting(target)
-        self.forward(target, frames, msg.t)
+        self.pass_commit(self.copy_from(node, msg), frames)
 
     def copy_committed(self, t: Transfer, msg) -> None:
         """The target committed the copy, verified: the catalog switches the row."""

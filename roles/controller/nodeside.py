@@ -166,9 +166,7 @@ class NodeSide:
         tid = msg.get("transfer_id")
         t = self.transfers.get(tid) if tid else None
         if t is not None and t.kind == "copy" and node.node_id in (t.node_id, t.source_node):
-            if node.node_id == t.node_id and msg.get("ref") == "CHUNK" and msg.get("hash") is not None:
-                wire_len, _ = t.ledger.done(msg["hash"])
-                self.credit.release(node.node_id, wire_len, t.device_id)
+            # its credit, chunks in flight included, returns to the node's pool as it ends (finish)
             self.copy_end(t, "failed", f"{node.node_id}: {msg['code']}: {msg['reason']}")
             return
         if t is None or t.node_id != node.node_id:

@@ -226,22 +226,21 @@ class StorageCore(CommitPath):
                 out.extend(self.gc.start())
             elif key[0] == "idle":
                 self._expire_upload(key[1], now, out)
-            elif key[0] == "read-idle":
-                since = self.pump.idle_since(key[1])
-                if since is not None:
-                    if since + self._idle_s <= now:
-                        self.pump.abort(key[1])
-                    else:
-                        self.deadlines.schedule(key, since + self._idle_s)
-            elif key[0] == "copy-idle":
-                since = self.copies.idle_since(key[1])
-                if since is not None:
-                    if since + self._idle_s <= now:
-                        self.copies.abort(key[1])
-                    else:
-                        self.deadlines.schedule(key, since + self._idle_s)
+            elif key[0] in ("read-idle", "copy-idle"):
+                self._expire_idle(self.pump if key[0] == "read-idle" else self.copies, key, now)
         out.extend(self.verifier.on_time(now))
         return self._counted(out)
+
+    def _expire_idle(self, sessions, key: tuple, now: float) -> None:
+        """A restore or a copy (`sessions`: the pump or the copy sender) the broker left idle past
+        the idle time is forgotten; one still in use is looked at again when it could be."""
+        since = sessions.idle_since(key[1])
+        if since is None:
+            return
+        if since + self._idle_s <= now:
+            sessions.abort(key[1])
+        else:
+            self.deadlines.schedule(key, since + self._idle_s)
 
     def next_deadline(self) -> float | None:
         due = [d for d in (self.deadlines.next_due(), self.verifier.next_due()) if d is not None]
